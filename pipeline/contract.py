@@ -319,7 +319,7 @@ def _make_continuous(name: str, m: Mapping[str, Any], where: str) -> ContinuousF
 def _make_categorical(name: str, m: Mapping[str, Any], where: str) -> CategoricalField:
     return CategoricalField(name=name,
                             hash_buckets=_int(m.get("hash_buckets"), f"{where}.hash_buckets", RESERVED_IDS + 1,
-                                              1 << 40),
+                                              (1 << 31) - 1),
                             embedding_dim=_dim(m.get("embedding_dim"), f"{where}.embedding_dim"),
                             min_count=_int(m.get("min_count", 0), f"{where}.min_count", 0))
 

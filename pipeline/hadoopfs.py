@@ -1,0 +1,62 @@
+"""File-system calls through the Spark driver's Hadoop FileSystem, so that the featurize job works the
+same on local folders, HDFS (hdfs://), S3 (s3a://) and GCS (gs://) with the connectors installed."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pyspark.sql import SparkSession
+
+
+@dataclass(frozen=True)
+class Entry:
+    path: str
+    name: str
+    is_dir: bool
+    size: int
+
+
+class HadoopFS:
+    def __init__(self, spark: SparkSession, any_path: str):
+        jvm = spark.sparkContext._jvm
+        self._Path = jvm.org.apache.hadoop.fs.Path
+        conf = spark.sparkContext._jsc.hadoopConfiguration()
+        self._fs = self._Path(any_path).getFileSystem(conf)
+
+    def qualify(self, path: str) -> str:
+        return str(self._fs.makeQualified(self._Path(path)).toString())
+
+    def exists(self, path: str) -> bool:
+        return bool(self._fs.exists(self._Path(path)))
+
+    def list(self, path: str) -> list[Entry]:
+        out = []
+        for st in self._fs.listStatus(self._Path(path)):
+            p = st.getPath()
+            out.append(Entry(path=str(p.toString()), name=str(p.getName()), is_dir=bool(st.isDirectory()),
+                             size=int(st.getLen())))
+        return out
+
+    def size(self, path: str) -> int:
+        return int(self._fs.getContentSummary(self._Path(path)).getLength())
+
+    def rename(self, src: str, dst: str) -> None:
+        if not self._fs.rename(self._Path(src), self._Path(dst)):
+            raise OSError(f"could not rename {src} -> {dst}")
+
+    def delete(self, path: str) -> None:
+        self._fs.delete(self._Path(path), True)
+
+    def write_text(self, path: str, text: str) -> None:
+        out = self._fs.create(self._Path(path), True)
+        try:
+            out.write(bytearray(text.encode()))
+        finally:
+            out.close()
+
+    def read_text(self, path: str) -> str:
+        stream = self._fs.open(self._Path(path))
+        try:
+            buf = stream.readAllBytes()   # one py4j call; fine for the small files read here
+            return bytes(buf).decode()
+        finally:
+            stream.close()
