@@ -103,7 +103,9 @@ def get_spark() -> SparkSession:
     from pyspark import SparkConf
     if "spark.master" not in dict(SparkConf().getAll()):
         b = b.master("local[*]")     # run as plain python: a laptop default; spark-submit sets the master
-    return b.getOrCreate()
+    spark = b.config("spark.ui.showConsoleProgress", "true").getOrCreate()
+    spark.sparkContext.setLogLevel("WARN")
+    return spark
 
 
 # --- extract -------------------------------------------------------------------------------------

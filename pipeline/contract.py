@@ -182,15 +182,33 @@ def load_contract(path: str | Path) -> FeatureContract:
     """Load and validate a contract YAML file; raises :class:`ContractError` naming the bad key."""
     p = Path(path)
     try:
+        data = _read_yaml(p, seen=())
+        return parse_contract(data)
+    except ContractError as e:
+        raise ContractError(f"{p}: {e}") from None
+
+
+def _read_yaml(p: Path, seen: tuple[Path, ...]) -> Any:
+    """The file's mapping; with ``base: other.yaml`` (relative to the file), merged over that file's
+    (mappings merge key by key, anything else replaces)."""
+    try:
         data = yaml.safe_load(p.read_text())
     except FileNotFoundError:
         raise ContractError(f"feature contract not found: {p}") from None
     except yaml.YAMLError as e:
-        raise ContractError(f"{p}: not valid YAML: {e}") from None
-    try:
-        return parse_contract(data)
-    except ContractError as e:
-        raise ContractError(f"{p}: {e}") from None
+        raise ContractError(f"not valid YAML: {e}") from None
+    if not isinstance(data, dict) or "base" not in data:
+        return data
+    base = p.parent / str(data.pop("base"))
+    if base.resolve() in seen:
+        raise ContractError(f"base: {base} includes itself")
+    return _merge(_read_yaml(base, seen + (p.resolve(),)), data)
+
+
+def _merge(a: Any, b: Any) -> Any:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return {**a, **{k: _merge(a[k], v) if k in a else v for k, v in b.items()}}
+    return b
 
 
 def parse_contract(data: Any) -> FeatureContract:

@@ -19,8 +19,9 @@ from pipeline.contract import (MISSING_ID, NEGATIVE_ID, RARE_ID, RESERVED_IDS, C
 
 # Reasons a line is rejected; each is counted in the manifest and written to DIR/rejects.
 REASONS = ("binary", "column_count", "bad_label", "non_numeric", "bad_day")
-# Control characters other than tab, or U+FFFD (what Spark decodes invalid UTF-8 bytes to).
-_BINARY_RE = "[\\x00-\\x08\\x0b\\x0c\\x0e-\\x1f\\x7f\\ufffd]"
+# Binary garbage shows as NUL bytes or as U+FFFD, what Spark decodes invalid UTF-8 to. (Two substring
+# searches: a regular expression over every line costs more than the rest of the parse.)
+_BINARY_MARKS = ("\x00", "\ufffd")
 
 
 def parse_lines(lines: DataFrame, contract: FeatureContract, seed: int) -> DataFrame:
@@ -47,34 +48,37 @@ def parse_lines(lines: DataFrame, contract: FeatureContract, seed: int) -> DataF
     df = lines.select(F.col("day"), F.col("value").alias("_line"), F.size(parts).alias("_n"),
                       *[c.alias(f"_raw_{n}") for n, c in cols.items()])
 
+    # Each step is its own projection so that Spark computes the split, the casts and the reason once
+    # per row (it does not collapse projections that would repeat a non-trivial expression).
     label_raw = F.col(f"_raw_{contract.label}")
-    label_ok = label_raw.isin("0", "1")
-    numeric: dict[str, Column] = {}
-    bad_numeric = F.lit(False)
-    for f in contract.continuous:
-        raw = F.col(f"_raw_{f.name}")
-        num = F.expr(f"try_cast(`_raw_{f.name}` as double)")
-        finite = num.isNotNull() & ~F.isnan(num) & (F.abs(num) != float("inf"))
-        numeric[f.name] = num
-        bad_numeric = bad_numeric | (raw.isNotNull() & ~finite)
     if src.day_from == "column":
         ts = F.expr(f"try_to_timestamp(`_raw_{src.day_column}`, '{src.day_format}')")
         day = F.datediff(F.to_date(ts), F.lit("1970-01-01").cast("date"))
     else:
         day = F.col("day")
-    reason = (F.when(F.col("_line").rlike(_BINARY_RE), "binary")
+    typed = df.select(day.cast("int").alias("day"), "_line", "_n", label_raw.alias("_label"),
+                      *[F.expr(f"try_cast(`_raw_{f.name}` as double)").alias(f.name) for f in contract.continuous],
+                      *[F.col(f"_raw_{f.name}").alias(f"_raw_{f.name}") for f in contract.continuous],
+                      *[F.col(f"_raw_{f.name}").alias(f.name) for f in contract.categorical])
+    bad_numeric = F.lit(False)
+    for f in contract.continuous:
+        num = F.col(f.name)
+        finite = num.isNotNull() & ~F.isnan(num) & (F.abs(num) != float("inf"))
+        bad_numeric = bad_numeric | (F.col(f"_raw_{f.name}").isNotNull() & ~finite)
+    binary = F.lit(False)
+    for mark in _BINARY_MARKS:
+        binary = binary | F.col("_line").contains(mark)
+    reason = (F.when(binary, "binary")
               .when(F.col("_n") != ncols, "column_count")
-              .when(~label_ok | label_raw.isNull(), "bad_label")
+              .when(~F.col("_label").isin("0", "1") | F.col("_label").isNull(), "bad_label")
               .when(bad_numeric, "non_numeric")
-              .when(day.isNull(), "bad_day"))
-    good = reason.isNull()
-    out = [day.cast("int").alias("day"),
-           F.when(good, label_raw.cast("int")).alias("label")]
-    out += [F.when(good, numeric[f.name]).alias(f.name) for f in contract.continuous]
-    out += [F.when(good, F.col(f"_raw_{f.name}")).alias(f.name) for f in contract.categorical]
-    out += [F.xxhash64(F.col("_line"), F.lit(seed)).alias("_h"), reason.alias("_reason"),
-            F.when(~good, F.col("_line")).alias("_line")]
-    return df.select(*out)
+              .when(F.col("day").isNull(), "bad_day"))
+    checked = typed.select("*", reason.alias("_reason"))
+    return checked.select(
+        "day", F.expr("try_cast(_label as int)").alias("label"),
+        *[F.col(f.name) for f in contract.fields],
+        F.xxhash64(F.col("_line"), F.lit(seed)).alias("_h"), "_reason",
+        F.when(F.col("_reason").isNotNull(), F.col("_line")).alias("_line"))
 
 
 def _regex_quote(ch: str) -> str:

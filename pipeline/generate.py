@@ -114,13 +114,13 @@ def build_click_model(contract: FeatureContract, seed: int, max_cardinality: int
     for i, f in enumerate(conts):
         specs.append(FieldSpec(name=f.name, kind="continuous", index=len(specs), cardinality=0,
                                missing_rate=float(rng.choice([0.0, 0.0, 0.05, 0.2, 0.45])),
-                               strength=float(rng.uniform(0.1, 0.4)), log_mu=float(rng.uniform(0.0, 4.0)),
+                               strength=float(rng.uniform(0.08, 0.3)), log_mu=float(rng.uniform(0.0, 4.0)),
                                log_sigma=float(rng.uniform(0.8, 2.2)),
                                negative_rate=float(rng.choice([0.0, 0.0, 0.0, 0.03]))))
     for i, f in enumerate(cats):
         specs.append(FieldSpec(name=f.name, kind="categorical", index=len(specs), cardinality=int(cards[i]),
                                missing_rate=float(rng.choice([0.0, 0.0, 0.0, 0.03, 0.2, 0.4])),
-                               strength=float(rng.uniform(0.15, 0.5))))
+                               strength=float(rng.uniform(0.1, 0.35))))
     n = len(specs)
     # Planted pairs: between any fields. Planted three-way parities: between fields with few values,
     # so that a deep part can see every combination often enough to learn it.
@@ -129,13 +129,13 @@ def build_click_model(contract: FeatureContract, seed: int, max_cardinality: int
     all_pairs = [(a, b) for a in range(n) for b in range(a + 1, n)]
     for k in rng.choice(len(all_pairs), size=min(n_pairs, len(all_pairs)), replace=False):
         a, b = all_pairs[int(k)]
-        pairs.append((a, b, float(rng.uniform(0.4, 0.8))))
+        pairs.append((a, b, float(rng.uniform(0.3, 0.5))))
     small = [s.index for s in specs if s.kind == "categorical" and s.cardinality <= 2000] or list(range(n))
     triples = []
     if len(small) >= 3:
         for _ in range(max(1, n // 13)):
             a, b, c = sorted(int(x) for x in rng.choice(small, size=3, replace=False))
-            triples.append((a, b, c, float(rng.uniform(0.5, 0.8))))
+            triples.append((a, b, c, float(rng.uniform(0.4, 0.6))))
     model = ClickModel(seed=seed, label=contract.label, columns=contract.source.columns, fields=tuple(specs),
                        pairs=tuple(pairs), triples=tuple(triples), bias=0.0)
     # Set the bias so that the mean click probability is positive_rate, on a seeded sample.
