@@ -261,7 +261,7 @@ def _featurize(spark: SparkSession, o: Options, fs: HadoopFS, inputs: list[tuple
         vocab.repartition(max(1, len(rare_fields) // 4)).write.parquet(f"{staging}/vocab")
         vocab = spark.read.parquet(f"{staging}/vocab")
         sizes = {r["field"]: r["n"] for r in vocab.groupBy("field").agg(F.count(F.lit(1)).alias("n")).collect()}
-        digest = vocab.agg(F.sum(F.xxhash64("field", "id")).alias("d")).collect()[0]["d"] or 0
+        digest = vocab.agg(F.bit_xor(F.xxhash64("field", "id")).alias("d")).collect()[0]["d"] or 0
         vocab_info = {"path": "vocab", "ids_kept": {f.name: sizes.get(f.name, 0) for f in rare_fields},
                       "digest": str(digest)}
         ids = T.map_rare(ids, vocab, rare_fields)

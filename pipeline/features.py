@@ -43,7 +43,7 @@ def parse_lines(lines: DataFrame, contract: FeatureContract, seed: int) -> DataF
     parts = F.split(F.col("value"), _regex_quote(src.delimiter), -1)
     cols: dict[str, Column] = {}
     for i, name in enumerate(src.columns):
-        v = F.element_at(parts, i + 1)
+        v = F.try_element_at(parts, F.lit(i + 1))
         cols[name] = F.when(v == "", F.lit(None)).otherwise(v)
     df = lines.select(F.col("day"), F.col("value").alias("_line"), F.size(parts).alias("_n"),
                       *[c.alias(f"_raw_{n}") for n, c in cols.items()])

@@ -1,0 +1,131 @@
+"""The featurize transforms as pure functions on tiny DataFrames, with exact expected ids."""
+from __future__ import annotations
+
+import math
+
+import pytest
+from pyspark.sql import functions as F
+from pyspark.sql.types import DoubleType, StringType, StructField, StructType
+
+from pipeline import features as T
+from pipeline.contract import CategoricalField, ContinuousField, load_contract
+from pipeline.ids import categorical_id, log_square_id, quantile_id
+from jobs.featurize import FeaturizeError, assign_splits
+from tests.conftest import SMALL
+
+
+def test_hash_categorical_matches_the_documented_formula(spark):
+    f = CategoricalField("C1", hash_buckets=1000, embedding_dim=16)
+    values = ["68fd1e64", "abc", None, "", "05db9164"]
+    df = spark.createDataFrame([(v,) for v in values], StructType([StructField("C1", StringType())]))
+    got = [r[0] for r in df.select(T.hash_categorical(F.when(F.col("C1") == "", None).otherwise(F.col("C1")), f)).collect()]
+    assert got[0] == 220                               # 2 + pmod(xxhash64("C1", "68fd1e64"), 998), by hand
+    assert got == [categorical_id("C1", v, 1000) for v in values]
+    assert got[2] == got[3] == 0                       # missing has its own id
+    assert all(2 <= g < 1000 for g in got[:2] + got[4:])
+    # the field name salts the hash: the same string in another field gets another id
+    g2 = df.select(T.hash_categorical(F.col("C1"), CategoricalField("C2", 1000, 16))).first()[0]
+    assert g2 == categorical_id("C2", "68fd1e64", 1000) != 220
+
+
+def test_log_square_buckets(spark):
+    f = ContinuousField("I1", bucketing="log_square", num_buckets=64, embedding_dim=16)
+    values = [None, -3.0, 0.0, 1.0, 2.0, 2.5, 5.0, 100.0, 1e9]
+    df = spark.createDataFrame([(v,) for v in values], StructType([StructField("I1", DoubleType())]))
+    got = [r[0] for r in df.select(T.log_square_bucket(F.col("I1"), f)).collect()]
+    # missing 0, negative 1, then 2 + (v for v <= 2, floor(ln(v)^2) above), capped at 63
+    assert got == [0, 1, 2, 3, 4, 2, 4, 2 + math.floor(math.log(100) ** 2), 2 + 63]
+    assert got == [log_square_id(v, 64) for v in values]
+
+
+def test_quantile_buckets(spark):
+    f = ContinuousField("I1", bucketing="quantile", num_buckets=8, embedding_dim=16)
+    bounds = [1.0, 10.0, 10.0, 100.0]                 # duplicates collapse
+    values = [None, -1.0, 0.0, 1.0, 9.99, 10.0, 50.0, 100.0, 1e6]
+    df = spark.createDataFrame([(v,) for v in values], StructType([StructField("I1", DoubleType())]))
+    got = [r[0] for r in df.select(T.quantile_bucket(F.col("I1"), f, bounds)).collect()]
+    assert got == [0, 1, 2, 3, 3, 4, 4, 5, 5]
+    assert got == [quantile_id(v, bounds) for v in values]
+    with pytest.raises(ValueError, match="boundaries"):
+        T.quantile_bucket(F.col("I1"), ContinuousField("I1", "quantile", 2, 16), [1.0, 2.0])
+
+
+def _lines(spark, lines, day=0):
+    return spark.createDataFrame([(x, day) for x in lines], "value string, day int")
+
+
+def test_parse_lines_gives_each_malformed_line_its_reason(spark):
+    c = load_contract(SMALL)
+    good = "1\t" + "\t".join(["5"] * 13) + "\t" + "\t".join(["a1"] * 26)
+    missing = "0\t" + "\t".join([""] * 13) + "\t" + "\t".join([""] * 26)
+    cases = {
+        good: None,
+        missing: None,
+        good.replace("\ta1", "", 1): "column_count",
+        good + "\textra": "column_count",
+        "2" + good[1:]: "bad_label",
+        "\t" + good[2:]: "bad_label",
+        good.replace("\t5\t", "\tfive\t", 1): "non_numeric",
+        good.replace("\t5\t", "\tNaN\t", 1): "non_numeric",
+        good.replace("a1", "a\x00b", 1): "binary",
+        "\ufffd\ufffdPK\x03\x04": "binary",
+    }
+    rows = T.parse_lines(_lines(spark, list(cases) + ["", "   "]), c, seed=1).collect()
+    assert len(rows) == len(cases)                     # blank lines are skipped, nothing else
+    got = {r["_line"] if r["_reason"] else None: r["_reason"] for r in rows}
+    for line, reason in cases.items():
+        if reason:
+            assert got[line] == reason, line
+    ok = [r for r in rows if r["_reason"] is None]
+    assert len(ok) == 2
+    full = next(r for r in ok if r["label"] == 1)
+    assert full["I1"] == 5.0 and full["C26"] == "a1" and full["_line"] is None
+    empty = next(r for r in ok if r["label"] == 0)
+    assert empty["I1"] is None and empty["C1"] is None
+
+
+def test_sampling_keeps_every_positive_and_the_rate_of_negatives(spark):
+    df = spark.range(20000).select(F.xxhash64("id").alias("_h"), (F.col("id") % 4 == 0).cast("int").alias("label"))
+    kept = T.sample_negatives(df, 0.25, seed=7)
+    pos = kept.filter("label = 1").count()
+    neg = kept.filter("label = 0").count()
+    assert pos == 5000
+    assert abs(neg - 15000 * 0.25) < 4 * math.sqrt(15000 * 0.25 * 0.75)
+    # decided by the row's hash, not by partitioning
+    again = T.sample_negatives(df.repartition(7), 0.25, seed=7)
+    assert sorted(r[0] for r in kept.select("_h").collect()) == sorted(r[0] for r in again.select("_h").collect())
+    assert T.sample_negatives(df, 1.0, 7).count() == 20000
+
+
+def test_debias_undoes_sampling():
+    # with rate r, a true p becomes q = p / (p + (1 - p) r); debias inverts it
+    p, r = 0.1, 0.25
+    q = p / (p + (1 - p) * r)
+    assert T.debias(q, r) == pytest.approx(p)
+
+
+def test_count_and_map_rare_ids(spark):
+    c = [CategoricalField("C1", 100, 16, min_count=2)]
+    ids = spark.createDataFrame([(5,), (5,), (7,), (0,), (0,), (9,)], "C1 int")
+    counts = {(r["field"], r["id"]): r["count"] for r in T.count_ids(ids, c).collect()}
+    assert counts == {("C1", 5): 2, ("C1", 7): 1, ("C1", 0): 2, ("C1", 9): 1}
+    vocab = T.count_ids(ids, c).filter("count >= 2")
+    mapped = [r[0] for r in T.map_rare(ids, vocab, c).orderBy("C1").collect()]
+    assert sorted(mapped) == [0, 0, 1, 1, 5, 5]
+
+
+@pytest.mark.parametrize("rows, per, groups, expected", [
+    (1_000_000, 65536, 8, (16, 62500)),
+    (100, 65536, 8, (8, 13)),
+    (3, 65536, 8, (3, 1)),
+    (0, 65536, 8, (0, 0)),
+])
+def test_row_group_plan(rows, per, groups, expected):
+    assert T.row_group_plan(rows, per, groups) == expected
+
+
+def test_assign_splits():
+    assert assign_splits([3, 0, 1, 2], 1, 1) == {"train": [0, 1], "valid": [2], "test": [3]}
+    assert assign_splits([0, 1, 2], 0, 2) == {"train": [0], "valid": [], "test": [1, 2]}
+    with pytest.raises(FeaturizeError, match="leave none to train on"):
+        assign_splits([0, 1], 1, 1)
