@@ -14,6 +14,7 @@ import argparse
 import hashlib
 import json
 import logging
+import os
 import re
 import sys
 import time
@@ -99,11 +100,13 @@ def parse_args(argv: Sequence[str] | None) -> Options:
 
 
 def get_spark() -> SparkSession:
-    b = SparkSession.builder.appName("featurize")
-    from pyspark import SparkConf
-    if "spark.master" not in dict(SparkConf().getAll()):
-        b = b.master("local[*]")     # run as plain python: a laptop default; spark-submit sets the master
-    spark = b.config("spark.ui.showConsoleProgress", "true").getOrCreate()
+    """The session: spark-submit's (its --master and --conf), an active one (tests), or local[*] when
+    run as plain ``python jobs/featurize.py``."""
+    from pyspark import SparkContext
+    b = SparkSession.builder.appName("featurize").config("spark.ui.showConsoleProgress", "true")
+    if "PYSPARK_GATEWAY_PORT" not in os.environ and SparkContext._active_spark_context is None:
+        b = b.master("local[*]").config("spark.driver.memory", "4g")
+    spark = b.getOrCreate()
     spark.sparkContext.setLogLevel("WARN")
     return spark
 
