@@ -1,0 +1,205 @@
+"""Featurized Parquet -> KeyedJaggedTensor batches, through petastorm, sharded by rank, prefetched.
+
+petastorm's ``make_batch_reader`` shards by row group (``index % shard_count == cur_shard``); the
+featurize job writes one row group per file and at least ``min_row_groups`` of them per split. Train
+batches come from an endless, seeded stream so that every rank runs the same number of steps (the
+caller decides the count; an uneven shard never leaves a rank without a batch, which would hang the
+collective calls). Evaluation reads each rank's shard once and says when it is exhausted.
+"""
+from __future__ import annotations
+
+import json
+import queue
+import threading
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from deepfm.model import FieldSpec
+
+MANIFEST = "manifest.json"
+SUCCESS = "_SUCCESS"
+
+
+class DataError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """The featurized output as the trainer sees it: where, which fields, how many rows."""
+
+    root: Path
+    manifest: dict
+
+    @property
+    def fields(self) -> list[FieldSpec]:
+        return [FieldSpec(f["name"], f["num_embeddings"], f["embedding_dim"]) for f in self.manifest["fields"]]
+
+    @property
+    def field_names(self) -> list[str]:
+        return [f["name"] for f in self.manifest["fields"]]
+
+    @property
+    def label(self) -> str:
+        return "label"
+
+    @property
+    def fingerprint(self) -> str:
+        return self.manifest["feature_fingerprint"]
+
+    @property
+    def neg_sample_rate(self) -> float:
+        return float(self.manifest["sampling"]["neg_sample_rate"])
+
+    def rows(self, split: str) -> int:
+        return int(self.manifest["splits"][split]["rows"])
+
+    def url(self, split: str) -> str:
+        return (self.root / split).resolve().as_uri()
+
+
+def open_dataset(path: str | Path) -> Dataset:
+    root = Path(path)
+    if not (root / SUCCESS).exists() or not (root / MANIFEST).exists():
+        raise DataError(f"{root}: not a complete featurized output (no {SUCCESS} or {MANIFEST}); "
+                        "run jobs/featurize.py first")
+    return Dataset(root=root, manifest=json.loads((root / MANIFEST).read_text()))
+
+
+@dataclass
+class Batch:
+    kjt: KeyedJaggedTensor
+    labels: torch.Tensor        # [B] float
+    valid: int                  # rows that are real (the rest is padding, in evaluation)
+
+    def to(self, device: torch.device) -> "Batch":
+        return Batch(self.kjt.to(device, non_blocking=True), self.labels.to(device, non_blocking=True), self.valid)
+
+
+def to_batch(ids: np.ndarray, labels: np.ndarray, keys: Sequence[str], valid: int | None = None) -> Batch:
+    """ids [B, F] (one id per field per row) -> a KJT laid out key by key, and labels [B].
+
+        ids [[3, 7], [4, 8]], keys (a, b) -> values [3, 4, 7, 8], lengths [1, 1, 1, 1]
+    """
+    b, f = ids.shape
+    values = torch.from_numpy(np.ascontiguousarray(ids.T).reshape(-1).astype(np.int64, copy=False))
+    kjt = KeyedJaggedTensor(keys=list(keys), values=values, lengths=torch.ones(b * f, dtype=torch.int32),
+                            stride=b)
+    return Batch(kjt, torch.from_numpy(labels.astype(np.float32, copy=False)), b if valid is None else valid)
+
+
+def _reader(ds: Dataset, split: str, rank: int, world: int, epochs: int | None, seed: int, workers: int):
+    from petastorm import make_batch_reader
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)    # petastorm 0.12 under pyarrow 12
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return make_batch_reader(ds.url(split), schema_fields=[ds.label, *ds.field_names], num_epochs=epochs,
+                                 cur_shard=rank, shard_count=world, shard_seed=None, seed=seed,
+                                 shuffle_row_groups=epochs is None, reader_pool_type="thread",
+                                 workers_count=workers)
+
+
+def _rebatch(reader, ds: Dataset, batch_size: int, pad_last: bool) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
+    """Row-group chunks -> fixed-size (ids [B, F], labels [B], valid rows) arrays."""
+    names = ds.field_names
+    buf_ids: list[np.ndarray] = []
+    buf_lab: list[np.ndarray] = []
+    have = 0
+    for chunk in reader:
+        cols = chunk._asdict()
+        ids = np.stack([np.asarray(cols[n]) for n in names], axis=1)
+        buf_ids.append(ids)
+        buf_lab.append(np.asarray(cols[ds.label]))
+        have += len(ids)
+        if have >= batch_size:
+            all_ids, all_lab = np.concatenate(buf_ids), np.concatenate(buf_lab)
+            n_full = len(all_ids) // batch_size * batch_size
+            for s in range(0, n_full, batch_size):
+                yield all_ids[s:s + batch_size], all_lab[s:s + batch_size], batch_size
+            buf_ids, buf_lab = [all_ids[n_full:]], [all_lab[n_full:]]
+            have = len(buf_ids[0])
+    if pad_last and have:
+        ids, lab = np.concatenate(buf_ids), np.concatenate(buf_lab)
+        pad = batch_size - len(ids)
+        yield (np.concatenate([ids, np.zeros((pad, ids.shape[1]), ids.dtype)]),
+               np.concatenate([lab, np.zeros(pad, lab.dtype)]), len(ids))
+
+
+class Prefetcher:
+    """Runs an iterator of batches in a background thread, ``depth`` batches ahead of the step."""
+
+    _END = object()
+
+    def __init__(self, it: Iterator[Batch], depth: int):
+        self._q: queue.Queue = queue.Queue(maxsize=depth)
+        self._err: BaseException | None = None
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, args=(it,), daemon=True)
+        self._t.start()
+
+    def _run(self, it: Iterator[Batch]) -> None:
+        try:
+            for b in it:
+                while not self._stop.is_set():
+                    try:
+                        self._q.put(b, timeout=0.5)
+                        break
+                    except queue.Full:
+                        continue
+                if self._stop.is_set():
+                    return
+        except BaseException as e:   # surfaced in the consumer
+            self._err = e
+        self._q.put(self._END)
+
+    def __iter__(self) -> "Prefetcher":
+        return self
+
+    def __next__(self) -> Batch:
+        item = self._q.get()
+        if item is self._END:
+            if self._err is not None:
+                raise self._err
+            raise StopIteration
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+
+
+def train_batches(ds: Dataset, rank: int, world: int, batch_size: int, seed: int, workers: int,
+                  depth: int, skip: int = 0) -> Prefetcher:
+    """An endless stream of train batches for this rank (row groups reshuffled every pass, seeded);
+    the first ``skip`` batches are read and dropped (resuming mid-epoch)."""
+    keys = ds.field_names
+
+    def gen() -> Iterator[Batch]:
+        with _reader(ds, "train", rank, world, None, seed, workers) as r:
+            for i, (ids, lab, _) in enumerate(_rebatch(r, ds, batch_size, pad_last=False)):
+                if i >= skip:
+                    yield to_batch(ids, lab, keys)
+    return Prefetcher(gen(), depth)
+
+
+def eval_batches(ds: Dataset, split: str, rank: int, world: int, batch_size: int, workers: int,
+                 depth: int) -> Prefetcher:
+    """This rank's shard of a split, once, in fixed-size batches (the last one padded)."""
+    keys = ds.field_names
+
+    def gen() -> Iterator[Batch]:
+        with _reader(ds, split, rank, world, 1, 0, workers) as r:
+            for ids, lab, valid in _rebatch(r, ds, batch_size, pad_last=True):
+                yield to_batch(ids, lab, keys, valid)
+    return Prefetcher(gen(), depth)
+
+
+def dummy_batch(ds: Dataset, batch_size: int) -> Batch:
+    """All-missing ids (id 0 is valid in every table), for a rank that has run out of eval rows."""
+    return to_batch(np.zeros((batch_size, len(ds.field_names)), np.int32), np.zeros(batch_size, np.float32),
+                    ds.field_names, valid=0)

@@ -1,0 +1,121 @@
+"""DeepFM (Guo et al., IJCAI 2017, arXiv:1703.04247) on TorchRec, in small named parts.
+
+Shapes: B = batch, F = fields, D = embedding dim (the contract's, a multiple of 4).
+
+Every field has one table whose rows hold [V_i (D values) | w_i (4 values)]: V_i is the latent vector
+shared by the FM part and the deep part (the paper's key point), w_i the first-order weight, stored as
+4 values that are summed (FBGEMM's fused tables need dims divisible by 4, so a dim-1 table is not
+possible). One lookup per field serves both.
+
+    y_FM  = w0 + sum_i w_i + 1/2 sum_d [ (sum_i V_id)^2 - sum_i V_id^2 ]      (O(F D))
+    y_DNN = MLP(concat_i V_i)
+    logit = y_FM + y_DNN;   p = sigmoid(logit), applied only in :func:`predict_proba`
+
+The paper's comparison models come from the same parts switched off: ``lr`` (w0 + first order),
+``fm`` (+ pairwise), ``dnn`` (deep part only), ``deepfm`` (all).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import nn
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+FIRST_ORDER_DIM = 4
+PARTS = {"lr": (True, False, False), "fm": (True, True, False), "dnn": (False, False, True),
+         "deepfm": (True, True, True)}
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    name: str
+    num_embeddings: int
+    embedding_dim: int
+
+
+def table_name(field: str) -> str:
+    return f"t_{field}"
+
+
+class SparseArch(nn.Module):
+    """KJT with one id per field per row -> V [B, F, D] and first-order weights w [B, F]."""
+
+    def __init__(self, fields: Sequence[FieldSpec], device: torch.device | str = "cpu"):
+        super().__init__()
+        dims = {f.embedding_dim for f in fields}
+        if len(dims) != 1:
+            raise ValueError(f"DeepFM needs one embedding dim for all fields (FM inner products); got {sorted(dims)}")
+        self.dim = dims.pop()
+        self.fields = [f.name for f in fields]
+        self.ebc = EmbeddingBagCollection(
+            tables=[EmbeddingBagConfig(name=table_name(f.name), embedding_dim=self.dim + FIRST_ORDER_DIM,
+                                       num_embeddings=f.num_embeddings, feature_names=[f.name],
+                                       pooling=PoolingType.SUM) for f in fields],
+            device=torch.device(device))
+
+    def forward(self, kjt: KeyedJaggedTensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pooled = self.ebc(kjt)                                        # KeyedTensor, [B, F * (D + 4)]
+        e = pooled.values().view(-1, len(self.fields), self.dim + FIRST_ORDER_DIM)   # keys in field order
+        return e[:, :, :self.dim], e[:, :, self.dim:].sum(-1)
+
+
+class FMInteraction(nn.Module):
+    """Pairwise term: V [B, F, D] -> [B], 1/2 sum_d ((sum_i V_id)^2 - sum_i V_id^2) = sum_{i<j} <V_i, V_j>."""
+
+    def forward(self, v: torch.Tensor) -> torch.Tensor:
+        s = v.sum(1)
+        return 0.5 * (s * s - (v * v).sum(1)).sum(1)
+
+
+class DeepArch(nn.Module):
+    """V [B, F, D] -> [B]: an MLP over the concatenated embeddings, ReLU and dropout, linear output."""
+
+    def __init__(self, in_features: int, hidden: Sequence[int], dropout: float, device: torch.device | str = "cpu"):
+        super().__init__()
+        layers: list[nn.Module] = []
+        width = in_features
+        for h in hidden:
+            layers += [nn.Linear(width, h, device=device), nn.ReLU(), nn.Dropout(dropout)]
+            width = h
+        layers.append(nn.Linear(width, 1, device=device))
+        self.mlp = nn.Sequential(*layers)
+
+    def forward(self, v: torch.Tensor) -> torch.Tensor:
+        return self.mlp(v.flatten(1)).squeeze(1)
+
+
+class DeepFM(nn.Module):
+    """The whole model; ``forward(kjt) -> logit [B]``."""
+
+    def __init__(self, fields: Sequence[FieldSpec], kind: str = "deepfm", hidden: Sequence[int] = (400, 400, 400),
+                 dropout: float = 0.5, sparse_device: torch.device | str = "cpu",
+                 dense_device: torch.device | str = "cpu"):
+        super().__init__()
+        if kind not in PARTS:
+            raise ValueError(f"model {kind!r} is not one of {sorted(PARTS)}")
+        self.kind = kind
+        self.use_first, self.use_fm, self.use_deep = PARTS[kind]
+        self.sparse = SparseArch(fields, sparse_device)
+        self.bias = nn.Parameter(torch.zeros(1, device=dense_device))     # w0
+        self.fm = FMInteraction()
+        self.deep = DeepArch(len(fields) * self.sparse.dim, hidden, dropout, dense_device) if self.use_deep else None
+
+    def forward(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
+        v, w = self.sparse(kjt)
+        logit = self.bias.expand(v.shape[0])
+        if self.use_first:
+            logit = logit + w.sum(1)
+        if self.use_fm:
+            logit = logit + self.fm(v)
+        if self.deep is not None:
+            logit = logit + self.deep(v)
+        return logit
+
+
+def predict_proba(logit: torch.Tensor) -> torch.Tensor:
+    """The one place the sigmoid is applied."""
+    return torch.sigmoid(logit.float())

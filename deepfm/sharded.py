@@ -1,0 +1,169 @@
+"""DeepFM under TorchRec's DistributedModelParallel, its optimizers, and sharded checkpoints.
+
+- Tables: one EmbeddingBagCollection, sharded by the plan that TorchRec's planner makes for the world
+  size and device at hand (table-wise, column-wise, data-parallel on the CPU; row-wise too on GPUs);
+  ``sharding: {field: kind}`` in the training config forces a table's sharding type.
+- Optimizers: the sparse one is fused into backward (FBGEMM: Adagrad / row-wise Adagrad / SGD on the
+  CPU, which refuses Adam); dense parameters (MLP, bias) are data-parallel with torch.optim.Adam.
+- Checkpoints: torch.distributed.checkpoint, keys normalised (no ``module.`` wrappers) so that a
+  checkpoint written at one world size loads at another.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
+from torchrec.distributed.planner.types import ParameterConstraints
+from torchrec.distributed.sharding_plan import get_default_sharders
+from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
+from torchrec.optim.optimizers import in_backward_optimizer_filter
+from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
+
+from deepfm.cluster import Cluster
+from deepfm.model import DeepFM, FieldSpec, table_name
+from deepfm.trainconf import TrainConfig
+
+SPARSE_OPTIMIZERS = {"adagrad": torch.optim.Adagrad, "rowwise_adagrad": RowWiseAdagrad, "sgd": torch.optim.SGD}
+COMPLETE = "COMPLETE"        # written last into a checkpoint folder: only such folders are resumed from
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+@dataclass
+class Trainable:
+    dmp: DistributedModelParallel
+    optimizer: CombinedOptimizer
+    plan: Any
+
+    def plan_summary(self) -> dict[str, str]:
+        """table -> sharding type, for logs and metrics."""
+        out = {}
+        for _, module_plan in self.plan.plan.items():
+            for table, ps in module_plan.items():
+                out[table] = f"{ps.sharding_type}:{ps.compute_kernel}"
+        return out
+
+
+def build(fields: Sequence[FieldSpec], cfg: TrainConfig, cluster: Cluster) -> Trainable:
+    torch.manual_seed(cfg.seed)
+    model = DeepFM(fields, cfg.model, cfg.hidden, cfg.dropout, sparse_device="meta", dense_device=cluster.device)
+    opt_cls = SPARSE_OPTIMIZERS[cfg.sparse_optimizer]
+    sparse_args: dict[str, Any] = {"lr": cfg.sparse_lr}
+    if cfg.sparse_optimizer != "sgd":
+        sparse_args["eps"] = 1e-8
+    apply_optimizer_in_backward(opt_cls, model.sparse.ebc.parameters(), sparse_args)
+    constraints = {table_name(f): ParameterConstraints(sharding_types=[kind]) for f, kind in cfg.sharding.items()}
+    unknown = [f for f in cfg.sharding if f not in {x.name for x in fields}]
+    if unknown:
+        raise ValueError(f"sharding.{unknown[0]}: no such field in the data")
+    topology = Topology(world_size=cluster.world, compute_device=cluster.device.type,
+                        local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", cluster.world)))
+    sharders = get_default_sharders()
+    planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints or None)
+    plan = planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
+    dmp = DistributedModelParallel(module=model, device=cluster.device, plan=plan, sharders=sharders)
+    dense = KeyedOptimizerWrapper(dict(in_backward_optimizer_filter(dmp.named_parameters())),
+                                  lambda ps: torch.optim.Adam(ps, lr=cfg.dense_lr, weight_decay=cfg.weight_decay))
+    return Trainable(dmp, CombinedOptimizer([dmp.fused_optimizer, dense]), plan)
+
+
+# --- checkpoints ---------------------------------------------------------------------------------
+
+_WRAPPERS = re.compile(r"(^|\.)(module|_dmp_wrapped_module)\.")
+
+
+def _norm_key(k: str) -> str:
+    while True:
+        n = _WRAPPERS.sub(r"\1", k)
+        if n == k:
+            return k
+        k = n
+
+
+def _normalise(sd: Any) -> Any:
+    """Strip DMP/DDP wrapper segments from every key (at any depth), so keys match across world sizes."""
+    if isinstance(sd, dict):
+        return {(_norm_key(k) if isinstance(k, str) else k): _normalise(v) for k, v in sd.items()}
+    return sd
+
+
+def _denormalise(loaded: Any, like: Any) -> Any:
+    """Put loaded values back under the live object's own keys."""
+    if isinstance(like, dict) and isinstance(loaded, dict):
+        return {k: _denormalise(loaded.get(_norm_key(k) if isinstance(k, str) else k, v), v) for k, v in like.items()}
+    return loaded
+
+
+def _state(t: Trainable) -> dict[str, Any]:
+    return {"model": _normalise(t.dmp.state_dict()), "optim": _normalise(t.optimizer.state_dict())}
+
+
+def save(t: Trainable, cluster: Cluster, run_dir: Path, step: int, meta: dict, keep: int) -> Path:
+    """Write checkpoints/step_<N> (sharded: each rank writes its shards); COMPLETE marks it usable."""
+    ckpt_root = run_dir / "checkpoints"
+    final = ckpt_root / f"step_{step:09d}"
+    tmp = ckpt_root / f".step_{step:09d}.tmp"
+    if cluster.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    dcp.save(_state(t), checkpoint_id=str(tmp))
+    dist.barrier()
+    if cluster.is_main:
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        (tmp / COMPLETE).write_text("")
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in sorted(complete_checkpoints(run_dir))[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    root = run_dir / "checkpoints"
+    if not root.exists():
+        return []
+    return sorted(p for p in root.iterdir() if p.name.startswith("step_") and (p / COMPLETE).exists())
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    done = complete_checkpoints(run_dir)
+    return done[-1] if done else None
+
+
+def read_meta(ckpt: Path) -> dict:
+    return json.loads((ckpt / "meta.json").read_text())
+
+
+def load(t: Trainable, ckpt: Path, fingerprint: str, with_optimizer: bool = True) -> dict:
+    """Load a checkpoint into a built model (any world size); refuses one made for other features."""
+    meta = read_meta(ckpt)
+    if meta.get("feature_fingerprint") != fingerprint:
+        raise CheckpointError(f"{ckpt}: made for featurized data with fingerprint {meta.get('feature_fingerprint')}, "
+                              f"but this data's is {fingerprint}: the ids mean different things. Train from "
+                              "scratch, or featurize with --reuse of the data this model was trained on.")
+    live_model = t.dmp.state_dict()
+    state: dict[str, Any] = {"model": _normalise(live_model)}
+    if with_optimizer:
+        t.optimizer.init_state()                   # materialise lazy optimizer state to load into
+        live_optim = t.optimizer.state_dict()
+        state["optim"] = _normalise(live_optim)
+    dcp.load(state, checkpoint_id=str(ckpt))
+    t.dmp.load_state_dict(_denormalise(state["model"], live_model))
+    if with_optimizer:
+        t.optimizer.load_state_dict(_denormalise(state["optim"], live_optim))
+    return meta
