@@ -140,6 +140,7 @@ class Prefetcher:
         self._q: queue.Queue = queue.Queue(maxsize=depth)
         self._err: BaseException | None = None
         self._stop = threading.Event()
+        self._done = False
         self._t = threading.Thread(target=self._run, args=(it,), daemon=True)
         self._t.start()
 
@@ -162,8 +163,11 @@ class Prefetcher:
         return self
 
     def __next__(self) -> Batch:
+        if self._done:
+            raise StopIteration
         item = self._q.get()
         if item is self._END:
+            self._done = True
             if self._err is not None:
                 raise self._err
             raise StopIteration
