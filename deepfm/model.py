@@ -58,8 +58,8 @@ class SparseArch(nn.Module):
             device=torch.device(device))
 
     def forward(self, kjt: KeyedJaggedTensor) -> tuple[torch.Tensor, torch.Tensor]:
-        pooled = self.ebc(kjt)                                        # KeyedTensor, [B, F * (D + 4)]
-        e = pooled.values().view(-1, len(self.fields), self.dim + FIRST_ORDER_DIM)   # keys in field order
+        pooled = self.ebc(kjt).to_dict()     # by key: a sharded EBC may return its keys in another order
+        e = torch.stack([pooled[f] for f in self.fields], dim=1)      # [B, F, D + 4]
         return e[:, :, :self.dim], e[:, :, self.dim:].sum(-1)
 
 

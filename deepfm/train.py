@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import time
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Sequence
@@ -278,7 +279,10 @@ def _tensorboard(run: Path):
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    rank = os.environ.get("RANK", "0")
+    logging.basicConfig(level=logging.INFO, force=True,
+                        format=f"%(asctime)s rank{rank} %(name)s %(levelname)s %(message)s")
+    warnings.filterwarnings("ignore", message=".*autograd kernel was not registered.*")   # fbgemm CPU ops
     a, cfg = parse_args(argv)
     return train(a, cfg)
 
