@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -41,7 +42,17 @@ def init_cluster(force_cpu: bool = False) -> Cluster:
     else:
         device, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend)
+        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true":
+            # Under torchrun, keep each restart's keys apart: after --max-restarts relaunches the workers,
+            # gloo would otherwise find the dead attempt's addresses in the agent's store and fail to
+            # connect (pytorch/pytorch#167288).
+            store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size=world,
+                                  is_master=False, timeout=timedelta(minutes=10))
+            dist.init_process_group(backend=backend, store=dist.PrefixStore(f"clickpipe/attempt_{restart}", store),
+                                    rank=rank, world_size=world)
+        else:
+            dist.init_process_group(backend=backend)
     return Cluster(rank, world, local, device, backend)
 
 

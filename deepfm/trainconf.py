@@ -26,7 +26,7 @@ class TrainConfig:
     epochs: int = 3
     dense_lr: float = 1e-3
     sparse_optimizer: str = "adagrad"
-    sparse_lr: float = 0.05
+    sparse_lr: float = 0.01
     weight_decay: float = 0.0
     bf16: bool = False
     eval_every_steps: int = 0

@@ -1,0 +1,138 @@
+"""deepfm/train.py under real torchrun with gloo ranks, on the shared featurized data."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow
+BIN = Path(sys.executable).parent
+FAST = ["--batch-size", "512", "--hidden", "64,64", "--dropout", "0.1", "--checkpoint-every-steps", "10"]
+
+
+def torchrun(args: list[str], nproc: int = 2, extra: list[str] | None = None, **kw) -> subprocess.CompletedProcess:
+    cmd = [str(BIN / "torchrun"), "--standalone", f"--nproc_per_node={nproc}", *(extra or []),
+           str(ROOT / "deepfm" / "train.py"), *args]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, **kw)
+
+
+def metrics(run: Path) -> dict:
+    return json.loads((run / "metrics.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def trained(featurized: Path, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("run") / "deepfm"
+    r = torchrun(["--data", str(featurized), "--out", str(run), "--epochs", "2", *FAST])
+    assert r.returncode == 0, r.stderr[-4000:]
+    return run
+
+
+def test_two_ranks_beat_a_constant_predictor(trained: Path, featurized: Path):
+    m = metrics(trained)
+    manifest = json.loads((featurized / "manifest.json").read_text())
+    assert m["world_size"] == 2
+    assert m["test"]["rows"] == manifest["splits"]["test"]["rows"]
+    assert m["valid"]["rows"] == manifest["splits"]["valid"]["rows"]
+    assert m["test"]["auc"] > 0.62                     # a constant predictor has AUC 0.5
+    assert m["test"]["ne"] < 1.0                       # and NE 1
+    assert 0.7 < m["test"]["calibration"] < 1.3        # sampling correction applied
+    steps = manifest["splits"]["train"]["rows"] // (512 * 2)
+    assert m["global_step"] == 2 * steps
+    assert m["train"]["examples"] == 2 * steps * 1024 and m["train"]["examples_per_s"] > 0
+    assert len(m["history"]) == 2
+    assert list((trained / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_evaluate_at_another_world_size_gives_the_same_metrics(trained: Path, featurized: Path):
+    r = subprocess.run([sys.executable, "-m", "deepfm.evaluate", "--run", str(trained), "--data", str(featurized),
+                        "--split", "test"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads(r.stdout[r.stdout.index("{"):])
+    want = metrics(trained)["test"]
+    assert got["rows"] == want["rows"]
+    assert got["auc"] == pytest.approx(want["auc"], abs=1e-6)
+    assert got["logloss"] == pytest.approx(want["logloss"], abs=1e-6)
+
+
+def test_a_killed_worker_is_restarted_and_resumes(featurized: Path, tmp_path: Path):
+    run = tmp_path / "run"
+    cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "--max-restarts=1",
+           str(ROOT / "deepfm" / "train.py"), "--data", str(featurized), "--out", str(run), "--epochs", "2", *FAST]
+    log = open(tmp_path / "log", "w")
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 300
+        while not list((run / "checkpoints").glob("step_*")) and time.time() < deadline:
+            time.sleep(0.2)
+        assert list((run / "checkpoints").glob("step_*")), "no checkpoint appeared"
+        workers = [c for c in psutil.Process(p.pid).children(recursive=True) if "train.py" in " ".join(c.cmdline())]
+        assert len(workers) == 2
+        os.kill(workers[-1].pid, signal.SIGKILL)
+        assert p.wait(600) == 0
+    finally:
+        if p.poll() is None:
+            p.kill()
+    text = (tmp_path / "log").read_text()
+    assert "resumed from" in text
+    m = metrics(run)
+    manifest = json.loads((featurized / "manifest.json").read_text())
+    assert m["global_step"] == 2 * (manifest["splits"]["train"]["rows"] // 1024)
+    assert m["test"]["auc"] > 0.6
+
+
+def test_resume_with_another_world_size(featurized: Path, tmp_path: Path):
+    run = tmp_path / "run"
+    r = torchrun(["--data", str(featurized), "--out", str(run), "--epochs", "2", "--max-steps", "12", "--no-test",
+                  *FAST])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert metrics(run)["global_step"] == 12
+    r = torchrun(["--data", str(featurized), "--out", str(run), "--epochs", "1", *FAST], nproc=1)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from" in r.stderr
+    m = metrics(run)
+    assert m["world_size"] == 1 and m["global_step"] > 12
+    assert m["test"]["auc"] > 0.6
+
+
+def test_two_nodes_on_one_machine(featurized: Path, tmp_path: Path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run = tmp_path / "run"
+    cmd = lambda: [str(BIN / "torchrun"), "--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d",
+                   f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=twonodes", str(ROOT / "deepfm" / "train.py"),
+                   "--data", str(featurized), "--out", str(run), "--epochs", "1", "--max-steps", "8", *FAST]
+    procs = [subprocess.Popen(cmd(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+    m = metrics(run)
+    assert m["world_size"] == 2 and m["global_step"] == 8
+
+
+def test_data_with_another_fingerprint_is_refused(trained: Path, featurized: Path, tmp_path: Path):
+    other = tmp_path / "other"
+    shutil.copytree(featurized, other)
+    man = json.loads((other / "manifest.json").read_text())
+    man["feature_fingerprint"] = "0000000000000000"
+    (other / "manifest.json").write_text(json.dumps(man))
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    r = torchrun(["--data", str(other), "--out", str(run), *FAST], nproc=1)
+    assert r.returncode != 0
+    assert "made for featurized data with fingerprint" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "deepfm.evaluate", "--run", str(run), "--data", str(other)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "the ids mean different things" in r.stderr
