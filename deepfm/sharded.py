@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -34,6 +35,7 @@ from deepfm.cluster import Cluster
 from deepfm.model import DeepFM, FieldSpec, table_name
 from deepfm.trainconf import TrainConfig
 
+log = logging.getLogger("deepfm.sharded")
 SPARSE_OPTIMIZERS = {"adagrad": torch.optim.Adagrad, "rowwise_adagrad": RowWiseAdagrad, "sgd": torch.optim.SGD}
 COMPLETE = "COMPLETE"        # written last into a checkpoint folder: only such folders are resumed from
 
@@ -65,14 +67,19 @@ def build(fields: Sequence[FieldSpec], cfg: TrainConfig, cluster: Cluster) -> Tr
     if cfg.sparse_optimizer != "sgd":
         sparse_args["eps"] = 1e-8
     apply_optimizer_in_backward(opt_cls, model.sparse.ebc.parameters(), sparse_args)
-    constraints = {table_name(f): ParameterConstraints(sharding_types=[kind]) for f, kind in cfg.sharding.items()}
+    # Tables are model-parallel unless the config says otherwise: a data-parallel table's optimizer state
+    # lives in the dense optimizer, so a plan that moves tables in and out of data-parallel between world
+    # sizes would make checkpoints' optimizer state unportable.
+    default_types = ["table_wise", "column_wise", "row_wise", "table_row_wise"]
+    constraints = {table_name(f.name): ParameterConstraints(sharding_types=[cfg.sharding[f.name]] if f.name in cfg.sharding
+                                                            else default_types) for f in fields}
     unknown = [f for f in cfg.sharding if f not in {x.name for x in fields}]
     if unknown:
         raise ValueError(f"sharding.{unknown[0]}: no such field in the data")
     topology = Topology(world_size=cluster.world, compute_device=cluster.device.type,
                         local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", cluster.world)))
     sharders = get_default_sharders()
-    planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints or None)
+    planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints)
     plan = planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
     dmp = DistributedModelParallel(module=model, device=cluster.device, plan=plan, sharders=sharders)
     dense = KeyedOptimizerWrapper(dict(in_backward_optimizer_filter(dmp.named_parameters())),
@@ -105,6 +112,13 @@ def _denormalise(loaded: Any, like: Any) -> Any:
     if isinstance(like, dict) and isinstance(loaded, dict):
         return {k: _denormalise(loaded.get(_norm_key(k) if isinstance(k, str) else k, v), v) for k, v in like.items()}
     return loaded
+
+
+def _flat_keys(d: Any, prefix: str = "") -> list[str]:
+    """DCP's flattened key names: nested dict keys joined by dots."""
+    if isinstance(d, dict):
+        return [k for key, v in d.items() for k in _flat_keys(v, f"{prefix}{key}.")]
+    return [prefix[:-1]]
 
 
 def _state(t: Trainable) -> dict[str, Any]:
@@ -161,7 +175,14 @@ def load(t: Trainable, ckpt: Path, fingerprint: str, with_optimizer: bool = True
     if with_optimizer:
         t.optimizer.init_state()                   # materialise lazy optimizer state to load into
         live_optim = t.optimizer.state_dict()
-        state["optim"] = _normalise(live_optim)
+        saved = set(dcp.FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata)
+        wanted = set(_flat_keys({"optim": _normalise(live_optim)}))
+        if wanted <= saved:
+            state["optim"] = _normalise(live_optim)
+        else:   # e.g. a table forced to another sharding type: its optimizer state has another layout
+            log.warning("%s: optimizer state does not fit this plan (%d keys missing, e.g. %s); loading the model "
+                        "weights only, the optimizer starts fresh", ckpt, len(wanted - saved), sorted(wanted - saved)[0])
+            with_optimizer = False
     dcp.load(state, checkpoint_id=str(ckpt))
     t.dmp.load_state_dict(_denormalise(state["model"], live_model))
     if with_optimizer:
