@@ -96,13 +96,14 @@ def to_batch(ids: np.ndarray, labels: np.ndarray, keys: Sequence[str], valid: in
 
 def _reader(ds: Dataset, split: str, rank: int, world: int, epochs: int | None, seed: int, workers: int):
     from petastorm import make_batch_reader
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)    # petastorm 0.12 under pyarrow 12
-        warnings.simplefilter("ignore", DeprecationWarning)
-        return make_batch_reader(ds.url(split), schema_fields=[ds.label, *ds.field_names], num_epochs=epochs,
-                                 cur_shard=rank, shard_count=world, shard_seed=None, seed=seed,
-                                 shuffle_row_groups=epochs is None, reader_pool_type="thread",
-                                 workers_count=workers)
+    # petastorm 0.12 on pyarrow 12 warns about the legacy ParquetDataset API on every row group, from its
+    # worker threads: silence exactly those (warnings raised in petastorm's own modules), nothing else.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"petastorm(\.|$)")
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"petastorm\.unischema")
+    return make_batch_reader(ds.url(split), schema_fields=[ds.label, *ds.field_names], num_epochs=epochs,
+                             cur_shard=rank, shard_count=world, shard_seed=None, seed=seed,
+                             shuffle_row_groups=epochs is None, reader_pool_type="thread",
+                             workers_count=workers)
 
 
 def _rebatch(reader, ds: Dataset, batch_size: int, pad_last: bool) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:

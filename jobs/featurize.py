@@ -190,57 +190,32 @@ def run(spark: SparkSession, o: Options) -> dict:
 def _featurize(spark: SparkSession, o: Options, fs: HadoopFS, inputs: list[tuple[int | None, str]],
                staging: str, reused: dict | None, t0: float) -> dict:
     c = o.contract
-    spark.sparkContext.setJobDescription("featurize: parse and count")
     parsed = T.parse_lines(read_lines(spark, inputs), c, c.sampling.seed)
     if c.source.day_from == "column" and o.days:
         parsed = parsed.filter(F.col("day").isNull() | F.col("day").between(*o.days))
-    parsed = parsed.persist(StorageLevel.MEMORY_AND_DISK)
+    good_rows = F.col("_reason").isNull()
 
-    # 1. Counts per (day, reason): a small aggregate, and the pass that fills the cache.
-    stats = parsed.groupBy("day", "_reason").agg(F.count(F.lit(1)).alias("rows"),
-                                                 F.sum("label").alias("positives")).collect()
-    total = sum(r["rows"] for r in stats)
-    rejects = {r: 0 for r in T.REASONS}
-    per_day: dict[int, dict[str, int]] = {}
-    for r in stats:
-        if r["_reason"] is not None:
-            rejects[r["_reason"]] += r["rows"]
-        else:
-            d = per_day.setdefault(r["day"], {"rows": 0, "positives": 0})
-            d["rows"] += r["rows"]
-            d["positives"] += r["positives"] or 0
-    n_rejects = sum(rejects.values())
-    log.info("parsed %d lines: %d good, %d rejected %s", total, total - n_rejects, n_rejects,
-             {k: v for k, v in rejects.items() if v})
-
-    # 2. Rejects, with their reason, before anything can fail on them.
-    spark.sparkContext.setJobDescription("featurize: write rejects")
-    (parsed.filter(F.col("_reason").isNotNull()).select("day", F.col("_reason").alias("reason"),
-                                                        F.col("_line").alias("line"))
-     .coalesce(1).write.mode("overwrite").parquet(f"{staging}/rejects"))
-    if total and n_rejects / total > c.quality.max_reject_fraction:
-        parsed.unpersist()
-        raise FeaturizeError(
-            f"{n_rejects} of {total} lines ({100 * n_rejects / total:.2f}%) are malformed, more than "
-            f"quality.max_reject_fraction={c.quality.max_reject_fraction}; nothing was committed. "
-            f"The rejected lines and reasons are in {staging}/rejects")
-
-    days = sorted(per_day)
-    if not days:
-        raise FeaturizeError("no good rows in the input")
+    # 1. Which days, and which split each belongs to (from file names, or a pass over the day column).
+    if c.source.day_from == "file_name":
+        days = sorted({d for d, _ in inputs if d is not None})
+    else:
+        spark.sparkContext.setJobDescription("featurize: find days")
+        days = sorted(r["day"] for r in parsed.filter(good_rows).select("day").distinct().collect())
+        if not days:
+            raise FeaturizeError("no good rows in the input")
     split_days = assign_splits(days, c.splits.valid_days, c.splits.test_days)
     split_of = F.create_map(*[x for s, ds in split_days.items() for d in ds for x in (F.lit(d), F.lit(s))])
-    good = parsed.filter(F.col("_reason").isNull()).withColumn("_split", split_of[F.col("day")])
-    train_raw = good.filter(F.col("_split") == "train")
+    is_train = good_rows & F.col("day").isin(split_days["train"])
 
-    # 3. Bucket boundaries: reused, or fitted on the train days only.
+    # 2. Bucket boundaries: reused, or fitted on the train days only (approximate quantiles).
     boundaries: dict[str, list[float]] = {}
     qfields = [f for f in c.continuous if f.bucketing == "quantile"]
     if reused is not None:
         boundaries = {k: list(v) for k, v in reused["boundaries"].items()}
     elif qfields:
         spark.sparkContext.setJobDescription("featurize: fit quantile boundaries")
-        nonneg = train_raw.select(*[F.when(F.col(f.name) >= 0, F.col(f.name)).alias(f.name) for f in qfields])
+        nonneg = parsed.filter(is_train).select(*[F.when(F.col(f.name) >= 0, F.col(f.name)).alias(f.name)
+                                                  for f in qfields])
         probs = sorted({p for f in qfields for p in T.quantile_probabilities(f)})
         qs = nonneg.approxQuantile([f.name for f in qfields], probs, 1e-4)
         for f, q in zip(qfields, qs):
@@ -248,9 +223,38 @@ def _featurize(spark: SparkSession, o: Options, fs: HadoopFS, inputs: list[tuple
             boundaries[f.name] = sorted({float(v) for p, v in zip(probs, q) if p in want})
         log.info("fitted boundaries for %d field(s) on train days %s", len(qfields), split_days["train"])
 
-    ids = T.to_ids(good, c, boundaries).withColumn("_split", split_of[F.col("day")])
+    # 3. Every line as ids (ints) with its reason; cached: the passes below read this, not the text.
+    coded = T.to_ids(parsed, c, boundaries, keep=["_reason", "_line"]).withColumn("_split", split_of[F.col("day")])
+    coded = coded.persist(StorageLevel.MEMORY_AND_DISK)
+    spark.sparkContext.setJobDescription("featurize: parse, hash, bucket and count")
+    stats = coded.groupBy("day", "_reason").agg(F.count(F.lit(1)).alias("rows"),
+                                                F.sum("label").alias("positives")).collect()
+    total = sum(r["rows"] for r in stats)
+    rejects = {r: 0 for r in T.REASONS}
+    per_day: dict[int, dict[str, int]] = {d: {"rows": 0, "positives": 0} for d in days}
+    for r in stats:
+        if r["_reason"] is not None:
+            rejects[r["_reason"]] += r["rows"]
+        elif r["day"] in per_day:
+            per_day[r["day"]]["rows"] += r["rows"]
+            per_day[r["day"]]["positives"] += r["positives"] or 0
+    n_rejects = sum(rejects.values())
+    log.info("parsed %d lines: %d good, %d rejected %s", total, total - n_rejects, n_rejects,
+             {k: v for k, v in rejects.items() if v})
 
-    # 4. Rare values: ids seen fewer than min_count times in the train days -> 1.
+    # 4. Rejects, with their reason, before anything can fail on them.
+    spark.sparkContext.setJobDescription("featurize: write rejects")
+    (coded.filter(~good_rows).select("day", F.col("_reason").alias("reason"), F.col("_line").alias("line"))
+     .coalesce(1).write.mode("overwrite").parquet(f"{staging}/rejects"))
+    if total and n_rejects / total > c.quality.max_reject_fraction:
+        coded.unpersist()
+        raise FeaturizeError(
+            f"{n_rejects} of {total} lines ({100 * n_rejects / total:.2f}%) are malformed, more than "
+            f"quality.max_reject_fraction={c.quality.max_reject_fraction}; nothing was committed. "
+            f"The rejected lines and reasons are in {staging}/rejects")
+    ids = coded.filter(good_rows).drop("_reason", "_line")
+
+    # 5. Rare values: ids seen fewer than min_count times in the train days -> 1.
     rare_fields = [f for f in c.categorical if f.min_count > 0]
     vocab_info: dict[str, Any] = {}
     if rare_fields:
@@ -284,8 +288,11 @@ def _featurize(spark: SparkSession, o: Options, fs: HadoopFS, inputs: list[tuple
         if files:
             spark.sparkContext.setJobDescription(f"featurize: write {split}")
             key = F.xxhash64(F.col("_h"), F.lit(c.sampling.seed + 1))
-            (part.select("label", *fields, "day", key.alias("_k"))
-             .repartitionByRange(files, "_k").sortWithinPartitions("_k").drop("_k")
+            rows = part.select("label", *fields, "day", key.alias("_k"))
+            # hash partitioning needs no sampling pass; with few rows per file, range partitioning keeps
+            # every file non-empty
+            rows = rows.repartition(files, "_k") if expected >= 1000 * files else rows.repartitionByRange(files, "_k")
+            (rows.sortWithinPartitions("_k").drop("_k")
              .write.option("compression", "snappy").parquet(path))
             agg = spark.read.parquet(path).agg(F.count(F.lit(1)).alias("rows"), F.sum("label").alias("pos")).collect()[0]
             after = {"rows": int(agg["rows"]), "positives": int(agg["pos"] or 0)}
@@ -297,7 +304,7 @@ def _featurize(spark: SparkSession, o: Options, fs: HadoopFS, inputs: list[tuple
                               "neg_sample_rate": rate}
         log.info("%s: days %s, %d rows (%d before sampling), %d positives, %d file(s)", split, split_days[split],
                  after["rows"], before["rows"], after["positives"], n_files)
-    parsed.unpersist()
+    coded.unpersist()
 
     seconds = round(time.time() - t0, 2)
     manifest = {

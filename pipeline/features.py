@@ -135,9 +135,10 @@ def quantile_probabilities(f: ContinuousField) -> list[float]:
     return [k / f.num_buckets for k in range(1, f.num_buckets)]
 
 
-def to_ids(parsed: DataFrame, contract: FeatureContract, boundaries: Mapping[str, Sequence[float]]) -> DataFrame:
-    """Good parsed rows -> ``day``, ``label`` and one int id column per field (in contract order),
-    plus ``_h``. Rare values are mapped afterwards by :func:`map_rare`."""
+def to_ids(parsed: DataFrame, contract: FeatureContract, boundaries: Mapping[str, Sequence[float]],
+           keep: Sequence[str] = ()) -> DataFrame:
+    """Parsed rows -> ``day``, ``label`` and one int id column per field (in contract order), ``_h``
+    and the ``keep`` columns. Rare values are mapped afterwards by :func:`map_rare`."""
     out = [F.col("day"), F.col("label")]
     for f in contract.fields:
         c = F.col(f.name)
@@ -149,7 +150,7 @@ def to_ids(parsed: DataFrame, contract: FeatureContract, boundaries: Mapping[str
             if f.name not in boundaries:
                 raise ValueError(f"{f.name}: quantile bucketing but no fitted boundaries")
             out.append(quantile_bucket(c, f, boundaries[f.name]).alias(f.name))
-    return parsed.select(*out, F.col("_h"))
+    return parsed.select(*out, F.col("_h"), *keep)
 
 
 def count_ids(ids: DataFrame, fields: Sequence[CategoricalField]) -> DataFrame:
