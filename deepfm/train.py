@@ -18,6 +18,7 @@ if __name__ == "__main__" and sys.path and os.path.abspath(sys.path[0]) == os.pa
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -165,12 +166,15 @@ def _train(a: argparse.Namespace, cfg: TrainConfig, cluster: Cluster) -> dict:
                 "contract_fingerprint": ds.manifest["contract_fingerprint"], "config": _jsonable(asdict(cfg)),
                 "fields": [asdict(f) for f in ds.fields], "data": str(Path(a.data).resolve())}
 
+    clock = Stopwatch()
+
     def validate() -> bool:
         """Evaluate on valid; True when early stopping says stop."""
         nonlocal best_auc, bad_evals
         if not has_valid:
             return False
-        m = evaluator.evaluate("valid")
+        with clock.paused():
+            m = evaluator.evaluate("valid")
         history.append({"step": global_step, "epoch": epoch, **m})
         if writer:
             for k in ("auc", "logloss", "ne", "calibration"):
@@ -185,7 +189,7 @@ def _train(a: argparse.Namespace, cfg: TrainConfig, cluster: Cluster) -> dict:
         return bad_evals >= cfg.early_stopping_patience
 
     stop = False
-    t_start = time.time()
+    clock.start(seconds_done)
     ex_start = examples_done
     while epoch < cfg.epochs and not stop:
         stream = inputs.train_batches(ds, cluster.rank, cluster.world, cfg.batch_size, cfg.seed + epoch,
@@ -206,15 +210,15 @@ def _train(a: argparse.Namespace, cfg: TrainConfig, cluster: Cluster) -> dict:
             if bar is not None:
                 bar.update(1)
                 if global_step % 10 == 0:
-                    el = time.time() - t_start
+                    el = clock.seconds() - clock.base
                     bar.set_postfix(loss=f"{loss.item():.4f}", ex_s=f"{(examples_done - ex_start) / max(el, 1e-9):,.0f}")
                     writer.add_scalar("train/loss", loss.item(), global_step)
             if cfg.eval_every_steps and global_step % cfg.eval_every_steps == 0:
                 stop = validate()
             if cfg.checkpoint_every_steps and global_step % cfg.checkpoint_every_steps == 0:
-                seconds_done += time.time() - t_start
-                t_start, ex_start = time.time(), examples_done
-                sharded.save(t, cluster, run, global_step, meta(epoch, step_in_epoch), cfg.keep_checkpoints)
+                with clock.paused():
+                    seconds_done = clock.seconds()
+                    sharded.save(t, cluster, run, global_step, meta(epoch, step_in_epoch), cfg.keep_checkpoints)
             if stop or (cfg.max_steps and global_step >= cfg.max_steps):
                 stop = True
                 break
@@ -225,9 +229,9 @@ def _train(a: argparse.Namespace, cfg: TrainConfig, cluster: Cluster) -> dict:
             epoch, step_in_epoch = epoch + 1, 0
             if not cfg.eval_every_steps and validate():
                 stop = True
-        seconds_done += time.time() - t_start
-        t_start, ex_start = time.time(), examples_done
-        sharded.save(t, cluster, run, global_step, meta(epoch, step_in_epoch), cfg.keep_checkpoints)
+        with clock.paused():
+            seconds_done = clock.seconds()
+            sharded.save(t, cluster, run, global_step, meta(epoch, step_in_epoch), cfg.keep_checkpoints)
 
     result: dict[str, Any] = {
         "model": cfg.model, "world_size": cluster.world, "device": str(cluster.device),
@@ -248,6 +252,31 @@ def _train(a: argparse.Namespace, cfg: TrainConfig, cluster: Cluster) -> dict:
         if writer:
             writer.close()
     return result
+
+
+class Stopwatch:
+    """Seconds of training (reading, steps, optimizers), with evaluation and checkpoint writing paused."""
+
+    def __init__(self) -> None:
+        self.base = 0.0
+        self._acc = 0.0
+        self._since: float | None = None
+
+    def start(self, already: float) -> None:
+        self.base = self._acc = already
+        self._since = time.perf_counter()
+
+    def seconds(self) -> float:
+        return self._acc + (time.perf_counter() - self._since if self._since is not None else 0.0)
+
+    @contextlib.contextmanager
+    def paused(self):
+        self._acc = self.seconds()
+        self._since = None
+        try:
+            yield
+        finally:
+            self._since = time.perf_counter()
 
 
 def _jsonable(x: Any) -> Any:
