@@ -135,12 +135,12 @@ def _train(a: argparse.Namespace, cfg: TrainConfig, cluster: Cluster) -> dict:
     examples_done, seconds_done = 0, 0.0
     resume = sharded.latest_checkpoint(run)
     if resume is not None:
-        meta = sharded.load(t, resume, ds.fingerprint)
-        epoch, step_in_epoch, global_step = meta["epoch"], meta["step_in_epoch"], meta["global_step"]
-        best_auc, bad_evals, history = meta["best_auc"], meta["bad_evals"], meta["history"]
-        examples_done, seconds_done = meta["examples"], meta["seconds"]
-        if meta["world_size"] != cluster.world:     # same fraction of the epoch, at the new world size
-            step_in_epoch = int(step_in_epoch * meta["world_size"] / cluster.world)
+        saved = sharded.load(t, resume, ds.fingerprint)
+        epoch, step_in_epoch, global_step = saved["epoch"], saved["step_in_epoch"], saved["global_step"]
+        best_auc, bad_evals, history = saved["best_auc"], saved["bad_evals"], saved["history"]
+        examples_done, seconds_done = saved["examples"], saved["seconds"]
+        if saved["world_size"] != cluster.world:    # same fraction of the epoch, at the new world size
+            step_in_epoch = int(step_in_epoch * saved["world_size"] / cluster.world)
         log.info("resumed from %s (epoch %d, step %d)", resume, epoch, global_step)
     elif a.warm_start:
         src = Path(a.warm_start)
@@ -212,7 +212,8 @@ def _train(a: argparse.Namespace, cfg: TrainConfig, cluster: Cluster) -> dict:
                 if global_step % 10 == 0:
                     el = clock.seconds() - clock.base
                     bar.set_postfix(loss=f"{loss.item():.4f}", ex_s=f"{(examples_done - ex_start) / max(el, 1e-9):,.0f}")
-                    writer.add_scalar("train/loss", loss.item(), global_step)
+                    if writer:
+                        writer.add_scalar("train/loss", loss.item(), global_step)
             if cfg.eval_every_steps and global_step % cfg.eval_every_steps == 0:
                 stop = validate()
             if cfg.checkpoint_every_steps and global_step % cfg.checkpoint_every_steps == 0:

@@ -27,7 +27,7 @@ from pyspark import StorageLevel
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from pipeline.contract import ContractError, FeatureContract, load_contract
+from pipeline.contract import ContinuousField, ContractError, FeatureContract, load_contract
 from pipeline import features as T
 from pipeline.hadoopfs import HadoopFS
 
@@ -315,7 +315,7 @@ def _featurize(spark: SparkSession, o: Options, fs: HadoopFS, inputs: list[tuple
         "label": c.label,
         "fields": [{"name": f.name, "kind": f.kind, "num_embeddings": f.num_embeddings,
                     "embedding_dim": f.embedding_dim,
-                    **({"bucketing": f.bucketing} if f.kind == "continuous" else {"min_count": f.min_count})}
+                    **({"bucketing": f.bucketing} if isinstance(f, ContinuousField) else {"min_count": f.min_count})}
                    for f in c.fields],
         "columns": {"label": "int32", **{f: "int32" for f in fields}, "day": "int32"},
         "boundaries": boundaries,

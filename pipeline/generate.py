@@ -111,14 +111,14 @@ def build_click_model(contract: FeatureContract, seed: int, max_cardinality: int
     cards = np.round(np.exp(np.linspace(math.log(3), math.log(max(max_cardinality, 4)), max(len(cats), 1))))
     rng.shuffle(cards)
     specs: list[FieldSpec] = []
-    for i, f in enumerate(conts):
-        specs.append(FieldSpec(name=f.name, kind="continuous", index=len(specs), cardinality=0,
+    for cf in conts:
+        specs.append(FieldSpec(name=cf.name, kind="continuous", index=len(specs), cardinality=0,
                                missing_rate=float(rng.choice([0.0, 0.0, 0.05, 0.2, 0.45])),
                                strength=float(rng.uniform(0.08, 0.3)), log_mu=float(rng.uniform(0.0, 4.0)),
                                log_sigma=float(rng.uniform(0.8, 2.2)),
                                negative_rate=float(rng.choice([0.0, 0.0, 0.0, 0.03]))))
-    for i, f in enumerate(cats):
-        specs.append(FieldSpec(name=f.name, kind="categorical", index=len(specs), cardinality=int(cards[i]),
+    for i, kf in enumerate(cats):
+        specs.append(FieldSpec(name=kf.name, kind="categorical", index=len(specs), cardinality=int(cards[i]),
                                missing_rate=float(rng.choice([0.0, 0.0, 0.0, 0.03, 0.2, 0.4])),
                                strength=float(rng.uniform(0.1, 0.35))))
     n = len(specs)

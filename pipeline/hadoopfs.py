@@ -18,6 +18,7 @@ class Entry:
 class HadoopFS:
     def __init__(self, spark: SparkSession, any_path: str):
         jvm = spark.sparkContext._jvm
+        assert jvm is not None, "the Spark session has no JVM gateway"
         self._Path = jvm.org.apache.hadoop.fs.Path
         conf = spark.sparkContext._jsc.hadoopConfiguration()
         self._fs = self._Path(any_path).getFileSystem(conf)
