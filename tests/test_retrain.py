@@ -1,0 +1,348 @@
+"""python -m pipeline.retrain: config, day selection, gate, lock, and scheduled runs end to end.
+
+The end-to-end tests share one raw folder, work folder and registry and run in file order, as a
+scheduler would: days arrive one after another, a run is killed during training and rerun, a rerun
+finds nothing new, and a day with garbage labels is rejected by the gate.
+"""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import fcntl
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import yaml
+
+from pipeline import retrain as R
+from tests.conftest import ROOT, SMALL
+
+BIN = Path(sys.executable).parent
+ROWS = 15_000
+SEED = 23
+COMMAND = "python -m pipeline.retrain --config conf/retrain.yaml"
+
+
+def write_conf(tmp: Path, **over) -> Path:
+    conf = {
+        "raw_dir": "raw", "work_dir": "work", "registry_dir": "registry", "contract": SMALL,
+        "completeness": "marker", "window_days": 2, "valid_days": 0, "keep_versions": 2,
+        "spark": {"master": "local[2]", "featurize_args": ["--min-row-groups", "2"],
+                  "submit_args": ["--driver-memory", "1g", "--conf", "spark.ui.enabled=false",
+                                  "--conf", "spark.sql.shuffle.partitions=4",
+                                  "--driver-java-options", f"-Dlog4j2.configurationFile=file:{ROOT}/tools/log4j2.properties"]},
+        "train": {"nproc": 1, "epochs": 1, "batch_size": 512, "hidden": [32, 32], "dropout": 0.1,
+                  "checkpoint_every_steps": 5},
+        "gate": {"auc_tolerance": 0.02, "min_auc": 0.55, "calibration_min": 0.7, "calibration_max": 1.4,
+                 "min_rows": 1000},
+    }
+    for k, v in over.items():
+        conf[k] = v
+    p = tmp / "retrain.yaml"
+    p.write_text(yaml.safe_dump(conf))
+    return p
+
+
+def env() -> dict[str, str]:
+    e = dict(os.environ)
+    e["PATH"] = f"{BIN}{os.pathsep}{e.get('PATH', '')}"
+    return e
+
+
+def retrain(conf: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipeline.retrain", "--config", str(conf), *args], cwd=ROOT,
+                          env=env(), capture_output=True, text=True, timeout=timeout)
+
+
+def add_day(raw: Path, day: int, garbage_labels: bool = False) -> None:
+    """A generated day file, then (optionally) its labels replaced by coin flips, then its .done marker."""
+    from pipeline.contract import load_contract
+    from pipeline.generate import generate
+    generate(load_contract(SMALL), raw, [day], ROWS, SEED, workers=1, max_cardinality=20_000)
+    if garbage_labels:
+        path = raw / f"day_{day}"
+        lines = path.read_bytes().split(b"\n")[:-1]
+        flips = np.random.default_rng(day).random(len(lines)) < 0.5
+        path.write_bytes(b"".join((b"1" if f else b"0") + ln[ln.index(b"\t"):] + b"\n"
+                                  for f, ln in zip(flips, lines)))
+    (raw / f"day_{day}.done").write_text("")
+
+
+def current(reg: Path) -> str | None:
+    link = reg / "current"
+    return os.readlink(link) if link.is_symlink() else None
+
+
+def record_of(out: str) -> dict:
+    line = next(ln for ln in out.splitlines() if ln.startswith("retrain: run record "))
+    return json.loads(Path(line.split("retrain: run record ", 1)[1]).read_text())
+
+
+# --- fast: config, selection, gate, registry, lock, deploy files ---------------------------------
+
+def test_config_paths_resolve_against_the_file_and_defaults_apply(tmp_path: Path):
+    conf = tmp_path / "c.yaml"
+    conf.write_text("raw_dir: r\nwork_dir: /abs/w\nregistry_dir: ../reg\ngate: {min_rows: 5}\n")
+    c = R.load_config(conf)
+    assert c.raw_dir == tmp_path / "r" and c.work_dir == Path("/abs/w") and c.registry_dir == tmp_path.parent / "reg"
+    assert c.contract == ROOT / "conf" / "criteo_small.yaml"
+    assert c.gate.min_rows == 5 and c.gate.auc_tolerance == R.GateSettings().auc_tolerance
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        c.window_days = 3  # type: ignore[misc]
+    shipped = R.load_config(ROOT / "conf" / "retrain.yaml")
+    assert shipped.contract == ROOT / "conf" / "criteo_small.yaml" and shipped.train.config == ROOT / "conf" / "train.yaml"
+
+
+@pytest.mark.parametrize("text,key", [("windw_days: 3\n", "windw_days"), ("gate: {auc_tol: 0.1}\n", "gate.auc_tol"),
+                                      ("train: {nprocs: 2}\n", "train.nprocs")])
+def test_an_unknown_config_key_is_named(tmp_path: Path, text: str, key: str):
+    conf = tmp_path / "c.yaml"
+    conf.write_text("raw_dir: r\nwork_dir: w\nregistry_dir: g\n" + text)
+    r = retrain(conf)
+    assert r.returncode == 2
+    assert f"unknown key {key!r}" in r.stderr, r.stderr
+    assert not (tmp_path / "g").exists()
+
+
+def test_bad_config_values_are_refused(tmp_path: Path):
+    conf = tmp_path / "c.yaml"
+    for text, msg in [("window_days: 0\n", "window_days: 0 must be at least 1"),
+                      ("completeness: size\n", "completeness"), ("work_dir: null\n", "work_dir"),
+                      ("gate: {calibration_min: 2.0}\n", "calibration_min must be below")]:
+        conf.write_text("raw_dir: r\nwork_dir: w\nregistry_dir: g\n" + text)
+        with pytest.raises(R.RetrainConfigError, match=msg):
+            R.load_config(conf)
+
+
+def test_scan_days_by_marker_and_by_stable_size(tmp_path: Path):
+    for d in (0, 1, 2):
+        (tmp_path / f"day_{d}").write_text("x\n")
+    (tmp_path / "day_0.done").write_text("")
+    (tmp_path / "day_1.done").write_text("")
+    (tmp_path / ".day_3.inprogress").write_text("x")
+    (tmp_path / "truth").mkdir()
+    s = R.scan_days(tmp_path, r"day_(\d+)(\.gz)?$", "marker", 0)
+    assert s.complete == (0, 1) and set(s.incomplete) == {2}
+    now = time.time()
+    os.utime(tmp_path / "day_0", (now - 100, now - 100))
+    s = R.scan_days(tmp_path, r"day_(\d+)(\.gz)?$", "stable_seconds", 60, now=now)
+    assert s.complete == (0,) and set(s.incomplete) == {1, 2}
+
+
+def test_gate_checks():
+    g = R.GateSettings(auc_tolerance=0.01, min_auc=0.55, calibration_min=0.8, calibration_max=1.25, min_rows=100)
+    good = {"auc": 0.70, "logloss": 0.5, "calibration": 1.0, "rows": 1000}
+    assert R.gate(good, None, g)[0]
+    assert R.gate(good, {"auc": 0.705}, g)[0]
+    ok, checks = R.gate(good, {"auc": 0.72}, g)
+    assert not ok and [c["check"] for c in checks if not c["passed"]] == ["vs_current"]
+    for bad, name in [({"logloss": None}, "logloss_finite"), ({"calibration": 1.5}, "calibration"),
+                      ({"rows": 10}, "min_rows"), ({"auc": float("nan")}, "min_auc")]:
+        ok, checks = R.gate({**good, **bad}, None, g)
+        assert not ok and [c["check"] for c in checks if not c["passed"]] == [name]
+
+
+def test_registry_pointer_and_pruning(tmp_path: Path):
+    reg = R.Registry(tmp_path)
+    for n in range(1, 5):
+        (tmp_path / f"v{n:06d}").mkdir()
+        (tmp_path / f"v{n:06d}" / "lineage.json").write_text(json.dumps({"run_key": f"k{n}"}))
+    (tmp_path / ".v000005.tmp-1").mkdir()
+    assert reg.next_name() == "v000006"
+    reg.remove_partial()
+    assert reg.next_name() == "v000005"
+    reg.set_current("v000001")
+    assert os.readlink(tmp_path / "current") == "v000001" and reg.current().name == "v000001"
+    assert reg.prune(2) == ["v000002"]            # the newest two and the current one stay
+    assert reg.versions() == ["v000001", "v000003", "v000004"]
+    assert reg.find_by_run_key("k3").name == "v000003"
+
+
+def test_a_second_run_is_refused_while_the_lock_is_held(tmp_path: Path):
+    conf = write_conf(tmp_path)
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "registry").mkdir()
+    with open(tmp_path / "registry" / ".lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        r = retrain(conf)
+    assert r.returncode == R.EXIT_LOCKED
+    assert "another retrain run holds the lock" in r.stderr
+    assert not (tmp_path / "work").exists()
+    r = retrain(conf)                             # released: this run goes on, and finds no day yet
+    assert r.returncode == 0 and "nothing new" in r.stdout, r.stderr
+
+
+def test_dry_run_prints_the_plan_and_changes_nothing(tmp_path: Path):
+    conf = write_conf(tmp_path)
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for d in (0, 1, 2):
+        (raw / f"day_{d}").write_text("1\t2\n")
+    (raw / "day_0.done").write_text("")
+    (raw / "day_1.done").write_text("")
+    r = retrain(conf, "--dry-run")
+    assert r.returncode == 0, r.stderr
+    assert "would process day 1: window 0-1 (train [0], valid [], test [1]); cold start: first run" in r.stdout
+    assert "jobs/featurize.py" in r.stdout and "--days 0-1" in r.stdout and "deepfm/train.py" in r.stdout
+    assert not (tmp_path / "registry").exists() and not (tmp_path / "work").exists()
+
+
+def test_deploy_files_call_the_same_command():
+    cron = [ln for ln in (ROOT / "deploy" / "crontab").read_text().splitlines()
+            if ln.strip() and not ln.startswith("#") and not ln.split()[0].count("=")]
+    assert len(cron) == 1 and len(cron[0].split()) > 5 and COMMAND in cron[0]
+    dag = (ROOT / "deploy" / "airflow_retrain_dag.py").read_text()
+    tree = ast.parse(dag)
+    assert COMMAND in dag and "BashOperator" in dag
+    assert sum(isinstance(n, ast.Call) and getattr(n.func, "id", "") == "BashOperator" for n in ast.walk(tree)) == 1
+    for py in [*ROOT.glob("pipeline/*.py"), *ROOT.glob("jobs/*.py"), *ROOT.glob("deepfm/*.py"),
+               *ROOT.glob("benchmarks/*.py")]:       # Airflow is for the DAG file alone
+        assert not any(isinstance(n, (ast.Import, ast.ImportFrom)) and "airflow" in ast.dump(n)
+                       for n in ast.walk(ast.parse(py.read_text()))), py
+    assert COMMAND in (ROOT / "README.md").read_text()
+
+
+@pytest.mark.slow
+def test_a_failed_step_is_named_and_recorded(tmp_path: Path):
+    conf = write_conf(tmp_path, spark={"master": "local[1]", "submit_args": ["--no-such-spark-flag"]})
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for d in (0, 1):
+        (raw / f"day_{d}").write_text("1\t2\n")
+        (raw / f"day_{d}.done").write_text("")
+    r = retrain(conf, timeout=120)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "retrain: error: step 'featurize' failed: exit code" in r.stderr and "no-such-spark-flag" in r.stderr
+    rec = json.loads(next((tmp_path / "work" / "runs").glob("*-day1.json")).read_text())
+    assert rec["status"] == "failed" and rec["failed_step"] == "featurize" and "no-such-spark-flag" in rec["error"]
+    assert current(tmp_path / "registry") is None and not list((tmp_path / "registry").glob("v*"))
+
+
+# --- slow: scheduled runs end to end (in file order, sharing one registry) ------------------------
+
+@pytest.fixture(scope="module")
+def sched(tmp_path_factory) -> dict:
+    base = tmp_path_factory.mktemp("sched")
+    (base / "raw").mkdir()
+    return {"base": base, "conf": write_conf(base), "raw": base / "raw", "reg": base / "registry",
+            "work": base / "work"}
+
+
+@pytest.mark.slow
+def test_first_run_trains_from_scratch_and_promotes(sched: dict):
+    add_day(sched["raw"], 0)
+    r = retrain(sched["conf"])
+    assert r.returncode == 0 and "nothing new" in r.stdout and "at least one train day" in r.stdout, r.stderr
+    add_day(sched["raw"], 1)
+    r = retrain(sched["conf"])
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "promoted v000001" in r.stdout
+    assert current(sched["reg"]) == "v000001"
+    v1 = sched["reg"] / "v000001"
+    lin = json.loads((v1 / "lineage.json").read_text())
+    assert lin["parent"] is None and lin["warm_start"] is False and lin["day"] == 1 and lin["days_trained"] == [0]
+    assert (v1 / "checkpoint" / "COMPLETE").exists() and (v1 / "features" / "_SUCCESS").exists()
+    assert json.loads((v1 / "manifest.json").read_text())["splits"]["test"]["days"] == [1]
+    assert json.loads((v1 / "metrics.json").read_text())["test"]["rows"] == ROWS
+    rec = record_of(r.stdout)
+    assert rec["status"] == "promoted" and rec["start"] == "cold" and rec["version"] == "v000001"
+    assert rec["steps"]["evaluate_current"]["status"] == "skipped"
+    assert all(c["passed"] for c in rec["gate"]["checks"])
+
+
+@pytest.mark.slow
+def test_a_run_killed_in_training_leaves_current_and_the_rerun_resumes_warm(sched: dict, tmp_path: Path):
+    add_day(sched["raw"], 2)
+    log = open(tmp_path / "log", "w")
+    p = subprocess.Popen([sys.executable, "-m", "pipeline.retrain", "--config", str(sched["conf"])], cwd=ROOT,
+                         env=env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 400
+        while time.time() < deadline and p.poll() is None:
+            if list(sched["work"].glob("days/day_2-*/train/checkpoints/step_*/COMPLETE")):
+                break
+            time.sleep(0.05)
+        assert p.poll() is None, (tmp_path / "log").read_text()[-3000:]
+        assert not list(sched["work"].glob("days/day_2-*/train.done"))
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait(30)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    run_dir = next(sched["work"].glob("days/day_2-*/train"))
+    # its trainer dies with it (no orphan keeps writing into the run folder)
+    deadline = time.time() + 90
+    while time.time() < deadline and R.stale_processes(["--out", str(run_dir)]):
+        time.sleep(0.5)
+    assert not R.stale_processes(["--out", str(run_dir)])
+    assert current(sched["reg"]) == "v000001" and sorted(x.name for x in sched["reg"].glob("v*")) == ["v000001"]
+    killed = [json.loads(x.read_text()) for x in (sched["work"] / "runs").glob("*-day2.json")]
+    assert [k["status"] for k in killed] == ["running"] and killed[0]["current_step"] == "train"
+
+    r = retrain(sched["conf"])
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "promoted v000002" in r.stdout and current(sched["reg"]) == "v000002"
+    rec = record_of(r.stdout)
+    assert rec["start"] == "warm" and rec["warm_start"] is True and rec["parent"] == "v000001"
+    assert rec["resumed_work_dir"] is True
+    assert rec["steps"]["featurize"]["status"] == "reused"
+    assert rec["steps"]["train"]["resumed"] is True
+    assert "resumed from" in Path(rec["steps"]["train"]["log"]).read_text()
+    assert rec["steps"]["evaluate_current"]["status"] == "done"
+    assert rec["current_metrics"]["rows"] == rec["candidate_metrics"]["rows"] == ROWS
+    lin = json.loads((sched["reg"] / "v000002" / "lineage.json").read_text())
+    assert lin["parent"] == "v000001" and lin["warm_start"] is True and lin["days_trained"] == [0, 1]
+    assert lin["feature_fingerprint"] == json.loads((sched["reg"] / "v000001" / "lineage.json").read_text())[
+        "feature_fingerprint"]
+    killed = [json.loads(x.read_text()) for x in (sched["work"] / "runs").glob("*-day2.json")]
+    assert sorted(k["status"] for k in killed) == ["interrupted", "promoted"]
+
+
+@pytest.mark.slow
+def test_a_rerun_after_success_finds_nothing_new(sched: dict):
+    before = sorted(x.name for x in sched["reg"].glob("v*"))
+    r = retrain(sched["conf"])
+    assert r.returncode == 0 and "nothing new" in r.stdout, r.stdout + r.stderr
+    assert sorted(x.name for x in sched["reg"].glob("v*")) == before and current(sched["reg"]) == "v000002"
+    r = retrain(sched["conf"], "--day", "2")
+    assert r.returncode == 0 and "already processed" in r.stdout
+    # what a forced redo would do: warm from the current model with its features; cold on --refit or
+    # when the feature contract changed
+    r = retrain(sched["conf"], "--day", "2", "--force", "--dry-run")
+    assert r.returncode == 0 and "warm start from v000002" in r.stdout, r.stdout + r.stderr
+    assert f"--reuse {sched['reg']}/v000002/features" in r.stdout
+    assert f"--warm-start {sched['reg']}/v000002/checkpoint" in r.stdout
+    r = retrain(sched["conf"], "--day", "2", "--force", "--refit", "--dry-run")
+    assert "cold start: refit requested" in r.stdout and "--reuse" not in r.stdout and "--warm-start" not in r.stdout
+    other = sched["base"] / "other_contract.yaml"
+    other.write_text(f"base: {SMALL}\ncategorical:\n  defaults: {{hash_buckets: 30000}}\n")
+    conf = sched["base"] / "other.yaml"
+    conf.write_text(sched["conf"].read_text().replace(f"contract: {SMALL}", f"contract: {other}"))
+    r = retrain(conf, "--day", "2", "--force", "--dry-run")
+    assert "cold start: the feature contract changed" in r.stdout and "--reuse" not in r.stdout
+    assert sorted(x.name for x in sched["reg"].glob("v*")) == before
+
+
+@pytest.mark.slow
+def test_a_day_with_garbage_labels_is_rejected_and_current_stays(sched: dict):
+    add_day(sched["raw"], 3, garbage_labels=True)
+    r = retrain(sched["conf"])
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "kept current v000002" in r.stdout
+    assert current(sched["reg"]) == "v000002"
+    assert sorted(x.name for x in sched["reg"].glob("v*")) == ["v000001", "v000002"]
+    rec = record_of(r.stdout)
+    assert rec["status"] == "kept_current" and rec["start"] == "warm" and rec["reason"]
+    failed = {c["check"] for c in rec["gate"]["checks"] if not c["passed"]}
+    assert failed & {"calibration", "min_auc"}, rec["gate"]
+    # the day counts as processed: the next run does not try it again
+    r = retrain(sched["conf"])
+    assert r.returncode == 0 and "nothing new" in r.stdout
