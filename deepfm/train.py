@@ -102,8 +102,7 @@ class Evaluator:
         dist.all_gather_object(gathered, local)
         q = np.concatenate([g[0] for g in gathered]).astype(np.float64)
         y = np.concatenate([g[1] for g in gathered])
-        r = self.ds.neg_sample_rate                    # the model saw 1 in 1/r negatives: undo the bias
-        return q / (q + (1 - q) / r), y
+        return M.debias(q, self.ds.neg_sample_rate), y   # the model saw a fraction r of the negatives
 
     def evaluate(self, split: str) -> dict[str, float]:
         p, y = self.predict(split)

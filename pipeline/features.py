@@ -189,11 +189,6 @@ def sample_negatives(ids: DataFrame, rate: float, seed: int) -> DataFrame:
     return ids.filter((F.col("label") == 1) | (u < rate))
 
 
-def debias(q: float, rate: float) -> float:
-    """Undo negative sampling on a predicted probability: p = q / (q + (1 - q) / rate)."""
-    return q / (q + (1.0 - q) / rate)
-
-
 def row_group_plan(rows: int, rows_per_row_group: int, min_row_groups: int) -> tuple[int, int]:
     """(files, rows per file) for a split: at least ``min_row_groups`` files when there are enough rows,
     none larger than ``rows_per_row_group``; each file is written as one row group.

@@ -48,6 +48,12 @@ def calibration(prob: np.ndarray, label: np.ndarray) -> float:
     return float(np.mean(prob) / max(np.mean(label), EPS))
 
 
+def debias(q, rate: float):
+    """Undo negative sampling (negatives kept with probability ``rate``) on predicted probabilities:
+    p = q / (q + (1 - q) / rate). Works on floats and numpy arrays."""
+    return q / (q + (1.0 - q) / rate)
+
+
 def summary(prob: np.ndarray, label: np.ndarray) -> dict[str, float]:
     return {"auc": auc(prob, label), "logloss": logloss(prob, label), "ne": normalized_entropy(prob, label),
             "calibration": calibration(prob, label), "rows": int(len(label))}

@@ -10,6 +10,7 @@ from pyspark.sql.types import DoubleType, StringType, StructField, StructType
 from pipeline import features as T
 from pipeline.contract import CategoricalField, ContinuousField, load_contract
 from pipeline.ids import categorical_id, log_square_id, quantile_id
+from pipeline.metrics import debias
 from jobs.featurize import FeaturizeError, assign_splits
 from tests.conftest import SMALL
 
@@ -101,7 +102,7 @@ def test_debias_undoes_sampling():
     # with rate r, a true p becomes q = p / (p + (1 - p) r); debias inverts it
     p, r = 0.1, 0.25
     q = p / (p + (1 - p) * r)
-    assert T.debias(q, r) == pytest.approx(p)
+    assert debias(q, r) == pytest.approx(p)
 
 
 def test_count_and_map_rare_ids(spark):
