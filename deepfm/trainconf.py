@@ -1,7 +1,7 @@
 """Training settings: conf/train.yaml, then command-line overrides, into one frozen dataclass."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -84,6 +84,3 @@ def load_train_config(path: str | Path | None, overrides: Mapping[str, Any] | No
     except TypeError as e:
         raise TrainConfigError(str(e)) from None
 
-
-def with_changes(c: TrainConfig, **kw: Any) -> TrainConfig:
-    return replace(c, **kw)

@@ -37,9 +37,6 @@ class HadoopFS:
                              size=int(st.getLen())))
         return out
 
-    def size(self, path: str) -> int:
-        return int(self._fs.getContentSummary(self._Path(path)).getLength())
-
     def rename(self, src: str, dst: str) -> None:
         if not self._fs.rename(self._Path(src), self._Path(dst)):
             raise OSError(f"could not rename {src} -> {dst}")
