@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import logging
 import os
 import re
@@ -23,8 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from pyspark import StorageLevel
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import Column, DataFrame, Observation, SparkSession
 from pyspark.sql import functions as F
 
 from pipeline.contract import ContinuousField, ContractError, FeatureContract, load_contract
@@ -189,23 +189,36 @@ def run(spark: SparkSession, o: Options) -> dict:
 
 def _featurize(spark: SparkSession, o: Options, fs: HadoopFS, inputs: list[tuple[int | None, str]],
                staging: str, reused: dict | None, t0: float) -> dict:
+    """One pass over the input does the work: Spark's CSV reader parses each line once, every id is a
+    JVM expression, one shuffle places each split's rows in the files planned for them (train rows in a
+    seeded random order), and one partitioned write lays out train/valid/test. Counts ride along
+    (``observe``); the text is read again only to plan file counts (a line count), to fit quantiles or
+    a vocabulary when the contract asks for them, and to quarantine malformed lines when there are any."""
     c = o.contract
-    parsed = T.parse_lines(read_lines(spark, inputs), c, c.sampling.seed)
+    sc = spark.sparkContext
+    # Wide rows make big generated methods; the JVM does not compile methods over 8 kB of bytecode and
+    # would interpret them (3x slower here). At this limit Spark splits such a stage into small methods.
+    spark.conf.set("spark.sql.codegen.hugeMethodLimit", "8000")
+    checked = T.check_records(T.read_records(spark, inputs, c), c, c.sampling.seed)
     if c.source.day_from == "column" and o.days:
-        parsed = parsed.filter(F.col("day").isNull() | F.col("day").between(*o.days))
-    good_rows = F.col("_reason").isNull()
+        checked = checked.filter(F.col("day").isNull() | F.col("day").between(*o.days))
+    good = ~F.col("_bad")
 
-    # 1. Which days, and which split each belongs to (from file names, or a pass over the day column).
+    # 1. Which days, which split each belongs to, and about how many rows each split will have.
     if c.source.day_from == "file_name":
         days = sorted({d for d, _ in inputs if d is not None})
+        sc.setJobDescription("featurize: count lines (to plan files)")
+        plan = count_lines(spark, inputs, c)
     else:
-        spark.sparkContext.setJobDescription("featurize: find days")
-        days = sorted(r["day"] for r in parsed.filter(good_rows).select("day").distinct().collect())
+        sc.setJobDescription("featurize: find days")
+        plan = {r["day"]: (int(r["rows"]), int(r["positives"] or 0)) for r in checked.filter(good).groupBy("day").agg(
+            F.count(F.lit(1)).alias("rows"), F.sum("label").alias("positives")).collect()}
+        days = sorted(plan)
         if not days:
             raise FeaturizeError("no good rows in the input")
     split_days = assign_splits(days, c.splits.valid_days, c.splits.test_days)
     split_of = F.create_map(*[x for s, ds in split_days.items() for d in ds for x in (F.lit(d), F.lit(s))])
-    is_train = good_rows & F.col("day").isin(split_days["train"])
+    train_rows = good & F.col("day").isin(split_days["train"])
 
     # 2. Bucket boundaries: reused, or fitted on the train days only (approximate quantiles).
     boundaries: dict[str, list[float]] = {}
@@ -213,56 +226,27 @@ def _featurize(spark: SparkSession, o: Options, fs: HadoopFS, inputs: list[tuple
     if reused is not None:
         boundaries = {k: list(v) for k, v in reused["boundaries"].items()}
     elif qfields:
-        spark.sparkContext.setJobDescription("featurize: fit quantile boundaries")
-        nonneg = parsed.filter(is_train).select(*[F.when(F.col(f.name) >= 0, F.col(f.name)).alias(f.name)
-                                                  for f in qfields])
+        sc.setJobDescription("featurize: fit quantile boundaries")
+        nonneg = checked.filter(train_rows).select(*[F.when(F.col(f.name) >= 0, F.col(f.name)).alias(f.name)
+                                                     for f in qfields])
         probs = sorted({p for f in qfields for p in T.quantile_probabilities(f)})
         qs = nonneg.approxQuantile([f.name for f in qfields], probs, 1e-4)
         for f, q in zip(qfields, qs):
             want = set(T.quantile_probabilities(f))
             boundaries[f.name] = sorted({float(v) for p, v in zip(probs, q) if p in want})
         log.info("fitted boundaries for %d field(s) on train days %s", len(qfields), split_days["train"])
+    ids = T.to_ids(checked, c, boundaries, keep=["_bad"]).withColumn("_split", split_of[F.col("day")])
 
-    # 3. Every line as ids (ints) with its reason; cached: the passes below read this, not the text.
-    coded = T.to_ids(parsed, c, boundaries, keep=["_reason", "_line"]).withColumn("_split", split_of[F.col("day")])
-    coded = coded.persist(StorageLevel.MEMORY_AND_DISK)
-    spark.sparkContext.setJobDescription("featurize: parse, hash, bucket and count")
-    stats = coded.groupBy("day", "_reason").agg(F.count(F.lit(1)).alias("rows"),
-                                                F.sum("label").alias("positives")).collect()
-    total = sum(r["rows"] for r in stats)
-    rejects = {r: 0 for r in T.REASONS}
-    per_day: dict[int, dict[str, int]] = {d: {"rows": 0, "positives": 0} for d in days}
-    for r in stats:
-        if r["_reason"] is not None:
-            rejects[r["_reason"]] += r["rows"]
-        elif r["day"] in per_day:
-            per_day[r["day"]]["rows"] += r["rows"]
-            per_day[r["day"]]["positives"] += r["positives"] or 0
-    n_rejects = sum(rejects.values())
-    log.info("parsed %d lines: %d good, %d rejected %s", total, total - n_rejects, n_rejects,
-             {k: v for k, v in rejects.items() if v})
-
-    # 4. Rejects, with their reason, before anything can fail on them.
-    spark.sparkContext.setJobDescription("featurize: write rejects")
-    (coded.filter(~good_rows).select("day", F.col("_reason").alias("reason"), F.col("_line").alias("line"))
-     .coalesce(1).write.mode("overwrite").parquet(f"{staging}/rejects"))
-    if total and n_rejects / total > c.quality.max_reject_fraction:
-        coded.unpersist()
-        raise FeaturizeError(
-            f"{n_rejects} of {total} lines ({100 * n_rejects / total:.2f}%) are malformed, more than "
-            f"quality.max_reject_fraction={c.quality.max_reject_fraction}; nothing was committed. "
-            f"The rejected lines and reasons are in {staging}/rejects")
-    ids = coded.filter(good_rows).drop("_reason", "_line")
-
-    # 5. Rare values: ids seen fewer than min_count times in the train days -> 1.
+    # 3. Rare values: ids seen fewer than min_count times in the train days -> 1.
     rare_fields = [f for f in c.categorical if f.min_count > 0]
     vocab_info: dict[str, Any] = {}
+    vocab = None
     if rare_fields:
-        spark.sparkContext.setJobDescription("featurize: count ids for min_count")
+        sc.setJobDescription("featurize: count ids for min_count")
         if reused is not None:
             vocab = spark.read.parquet(reused["vocab_path"])
         else:
-            counts = T.count_ids(ids.filter(F.col("_split") == "train"), rare_fields)
+            counts = T.count_ids(ids.filter(train_rows), rare_fields)
             mins = F.create_map(*[x for f in rare_fields for x in (F.lit(f.name), F.lit(f.min_count))])
             vocab = counts.filter(F.col("count") >= mins[F.col("field")])
         vocab.repartition(max(1, len(rare_fields) // 4)).write.parquet(f"{staging}/vocab")
@@ -271,41 +255,89 @@ def _featurize(spark: SparkSession, o: Options, fs: HadoopFS, inputs: list[tuple
         digest = vocab.agg(F.bit_xor(F.xxhash64("field", "id")).alias("d")).collect()[0]["d"] or 0
         vocab_info = {"path": "vocab", "ids_kept": {f.name: sizes.get(f.name, 0) for f in rare_fields},
                       "digest": str(digest)}
+
+    # 4. The one pass: count, drop malformed lines, map rare ids, sample train negatives, send each row to
+    #    a planned file of its split, write. (Observations are built here, after the fitting passes above,
+    #    so that they see this pass only.)
+    counted = Observation("featurize: input")
+    split_aggs = [a for s in SPLITS for a in (F.count_if(good & (F.col("_split") == s)).alias(f"{s}_rows"),
+                                               F.sum(F.when(good & (F.col("_split") == s), F.col("label"))).alias(f"{s}_pos"))]
+    ids = ids.observe(counted, F.count(F.lit(1)).alias("lines"), F.count_if(F.col("_bad")).alias("bad"), *split_aggs)
+    ids = ids.filter(good).drop("_bad")
+    if vocab is not None:
         ids = T.map_rare(ids, vocab, rare_fields)
-
-    # 5. Write the splits: sampled (train only), shuffled by a seeded hash, sized for petastorm.
+    rates = {s: (c.sampling.neg_sample_rate if s == "train" else 1.0) for s in SPLITS}
+    ids = T.sample_negatives(ids, rates["train"], c.sampling.seed, only=F.col("_split") == "train")
+    plan_files = {}
+    for s in SPLITS:
+        rows = sum(plan.get(d, (0, 0))[0] for d in split_days[s])
+        pos = sum(plan.get(d, (0, 0))[1] for d in split_days[s])
+        plan_files[s] = T.row_group_plan(pos + round((rows - pos) * rates[s]), c.output.rows_per_row_group,
+                                         c.output.min_row_groups)[0]
+    n_parts = max(1, sum(plan_files.values()))
+    offsets, at = {}, 0
+    for s in SPLITS:
+        offsets[s], at = at, at + plan_files[s]
+    keys = partition_keys(spark, n_parts)
+    k = F.xxhash64(F.col("_h"), F.lit(c.sampling.seed + 1))
+    def per_split(d: dict[str, int]) -> Column:
+        return F.create_map(*[x for s, v in d.items() for x in (F.lit(s), F.lit(v))])[F.col("_split")]
+    target = per_split(offsets) + F.pmod(k, F.greatest(per_split(plan_files), F.lit(1)))
     fields = list(c.field_names)
-    split_stats: dict[str, dict[str, Any]] = {}
-    for split in SPLITS:
-        before = {"rows": sum(per_day[d]["rows"] for d in split_days[split]),
-                  "positives": sum(per_day[d]["positives"] for d in split_days[split])}
-        part = ids.filter(F.col("_split") == split)
-        rate = c.sampling.neg_sample_rate if split == "train" else 1.0
-        part = T.sample_negatives(part, rate, c.sampling.seed)
-        expected = before["positives"] + round((before["rows"] - before["positives"]) * rate)
-        files, _ = T.row_group_plan(expected, c.output.rows_per_row_group, c.output.min_row_groups)
-        path = f"{staging}/{split}"
-        if files:
-            spark.sparkContext.setJobDescription(f"featurize: write {split}")
-            key = F.xxhash64(F.col("_h"), F.lit(c.sampling.seed + 1))
-            rows = part.select("label", *fields, "day", key.alias("_k"))
-            # hash partitioning needs no sampling pass; with few rows per file, range partitioning keeps
-            # every file non-empty
-            rows = rows.repartition(files, "_k") if expected >= 1000 * files else rows.repartitionByRange(files, "_k")
-            (rows.sortWithinPartitions("_k").drop("_k")
-             .write.option("compression", "snappy").parquet(path))
-            agg = spark.read.parquet(path).agg(F.count(F.lit(1)).alias("rows"), F.sum("label").alias("pos")).collect()[0]
-            after = {"rows": int(agg["rows"]), "positives": int(agg["pos"] or 0)}
-            n_files = len([e for e in fs.list(path) if e.name.endswith(".parquet")])
-        else:
-            after, n_files = {"rows": 0, "positives": 0}, 0
-        split_stats[split] = {"days": split_days[split], "before_sampling": before, "rows": after["rows"],
-                              "positives": after["positives"], "files": n_files,
-                              "neg_sample_rate": rate}
-        log.info("%s: days %s, %d rows (%d before sampling), %d positives, %d file(s)", split, split_days[split],
-                 after["rows"], before["rows"], after["positives"], n_files)
-    coded.unpersist()
+    placed = ids.select("label", *fields, "day", "_split", k.alias("_k"),
+                        F.element_at(F.array(*[F.lit(x) for x in keys]), (target + 1).cast("int")).alias("_pk"))
+    sc.setJobDescription("featurize: parse, hash, bucket, sample and write train/valid/test")
+    (placed.repartition(n_parts, "_pk").sortWithinPartitions("_split", "_k").drop("_k", "_pk")
+     .write.partitionBy("_split").option("maxRecordsPerFile", c.output.rows_per_row_group)
+     .option("compression", "snappy").parquet(f"{staging}/_splits"))
+    obs = counted.get
+    total, n_bad = int(obs["lines"]), int(obs["bad"])
+    before = {s: {"rows": int(obs[f"{s}_rows"]), "positives": int(obs[f"{s}_pos"] or 0)} for s in SPLITS}
 
+    # 5. What was written, from the files themselves; then each split into its place.
+    sc.setJobDescription("featurize: count the output")
+    written = {r["_split"]: (int(r["rows"]), int(r["pos"] or 0)) for r in spark.read.parquet(f"{staging}/_splits")
+               .groupBy("_split").agg(F.count(F.lit(1)).alias("rows"), F.sum("label").alias("pos")).collect()}
+    split_stats: dict[str, dict[str, Any]] = {}
+    for s in SPLITS:
+        src, path = f"{staging}/_splits/_split={s}", f"{staging}/{s}"
+        n_files = 0
+        if fs.exists(src):
+            fs.rename(src, path)
+            n_files = len([e for e in fs.list(path) if e.name.endswith(".parquet")])
+        after = written.get(s, (0, 0))
+        split_stats[s] = {"days": split_days[s], "before_sampling": before[s], "rows": after[0],
+                          "positives": after[1], "files": n_files, "neg_sample_rate": rates[s]}
+    fs.delete(f"{staging}/_splits")
+    if any(before[s]["positives"] != split_stats[s]["positives"] or (rates[s] >= 1.0 and before[s]["rows"] != split_stats[s]["rows"])
+           for s in SPLITS):
+        # observed metrics can count twice when Spark re-runs tasks after a failure: count again
+        log.warning("observed counts disagree with the written files (a retried stage?); counting the input again")
+        sc.setJobDescription("featurize: recount the input")
+        total, n_bad, before = recount(T.to_ids(checked, c, boundaries, keep=["_bad"]).withColumn("_split", split_of[F.col("day")]))
+        for s in SPLITS:
+            split_stats[s]["before_sampling"] = before[s]
+
+    # 6. Malformed lines, with their reason: the text is read again only when there are any.
+    rejects = quarantine(spark, o, inputs, f"{staging}/rejects", n_bad)
+    n_rejects = sum(rejects.values())
+    if n_rejects != n_bad:
+        raise FeaturizeError(f"the parse counted {n_bad} malformed lines but the quarantine found {n_rejects}; "
+                             "nothing was committed")
+    for s in SPLITS:
+        log.info("%s: days %s, %d rows (%d before sampling), %d positives, %d file(s)", s, split_days[s],
+                 split_stats[s]["rows"], split_stats[s]["before_sampling"]["rows"], split_stats[s]["positives"],
+                 split_stats[s]["files"])
+    log.info("parsed %d lines: %d good, %d rejected %s", total, total - n_rejects, n_rejects,
+             {k: v for k, v in rejects.items() if v})
+    if total and n_rejects / total > c.quality.max_reject_fraction:
+        for s in (*SPLITS, "vocab"):
+            if fs.exists(f"{staging}/{s}"):
+                fs.delete(f"{staging}/{s}")
+        raise FeaturizeError(
+            f"{n_rejects} of {total} lines ({100 * n_rejects / total:.2f}%) are malformed, more than "
+            f"quality.max_reject_fraction={c.quality.max_reject_fraction}; nothing was committed. "
+            f"The rejected lines and reasons are in {staging}/rejects")
     seconds = round(time.time() - t0, 2)
     manifest = {
         "manifest_version": MANIFEST_VERSION,
@@ -333,6 +365,60 @@ def _featurize(spark: SparkSession, o: Options, fs: HadoopFS, inputs: list[tuple
     fs.write_text(f"{staging}/{MANIFEST}", json.dumps(manifest, indent=1, sort_keys=False))
     fs.write_text(f"{staging}/{SUCCESS}", "")
     return manifest
+
+def count_lines(spark: SparkSession, inputs: list[tuple[int | None, str]], c: FeatureContract) -> dict[int, tuple[int, int]]:
+    """day -> (lines, lines whose label field reads "1"): the text only, no parsing (to size the files)."""
+    src = c.source
+    k = src.columns.index(c.label)
+    token = F.substring_index(F.substring_index(F.col("value"), src.delimiter, k + 1), src.delimiter, -1)
+    counts = (read_lines(spark, inputs).groupBy("day")
+              .agg(F.count(F.lit(1)).alias("n"), F.count_if(token == "1").alias("pos")).collect())
+    return {r["day"]: (int(r["n"]), int(r["pos"])) for r in counts}
+
+
+def partition_keys(spark: SparkSession, n: int) -> list[int]:
+    """For each partition p < n an int key that Spark's hash partitioning into n partitions sends to p
+    (pmod(murmur3(key), n) == p, found by Spark itself), so that a row can be sent to a chosen file."""
+    found: dict[int, int] = {}
+    lo = 0
+    while len(found) < n:
+        cand = spark.range(lo, lo + 16 * n).select(F.col("id").cast("int").alias("k"))
+        for r in cand.groupBy(F.pmod(F.hash("k"), F.lit(n)).alias("p")).agg(F.min("k").alias("k")).collect():
+            found.setdefault(int(r["p"]), int(r["k"]))
+        lo += 16 * n
+    return [found[p] for p in range(n)]
+
+
+def recount(ids: DataFrame) -> tuple[int, int, dict[str, dict[str, int]]]:
+    """(lines, malformed lines, rows and positives per split before sampling), by a pass of its own."""
+    rows = ids.groupBy("_split", "_bad").agg(F.count(F.lit(1)).alias("n"), F.sum("label").alias("pos")).collect()
+    before = {s: {"rows": 0, "positives": 0} for s in SPLITS}
+    for r in rows:
+        if not r["_bad"] and r["_split"] in before:
+            before[r["_split"]]["rows"] += int(r["n"])
+            before[r["_split"]]["positives"] += int(r["pos"] or 0)
+    return sum(int(r["n"]) for r in rows), sum(int(r["n"]) for r in rows if r["_bad"]), before
+
+
+def quarantine(spark: SparkSession, o: Options, inputs: list[tuple[int | None, str]], path: str,
+               expected: int) -> dict[str, int]:
+    """Write the malformed lines with their day and reason to ``path``; return the count per reason.
+    With none expected, writes an empty dataset without reading the input again."""
+    out = {r: 0 for r in T.REASONS}
+    if expected == 0:
+        spark.createDataFrame([], "day int, reason string, line string").write.parquet(path)
+        return out
+    c = o.contract
+    spark.sparkContext.setJobDescription("featurize: quarantine malformed lines")
+    parsed = T.parse_lines(read_lines(spark, inputs), c, c.sampling.seed)
+    if c.source.day_from == "column" and o.days:
+        parsed = parsed.filter(F.col("day").isNull() | F.col("day").between(*o.days))
+    bad = parsed.filter(F.col("_reason").isNotNull()).select("day", F.col("_reason").alias("reason"),
+                                                               F.col("_line").alias("line"))
+    bad.repartition(max(1, math.ceil(expected / 1_000_000))).write.parquet(path)
+    for r in spark.read.parquet(path).groupBy("reason").count().collect():
+        out[r["reason"]] = int(r["count"])
+    return out
 
 
 def feature_fingerprint(contract_fp: str, boundaries: dict[str, list[float]], vocab_digest: str | None) -> str:

@@ -11,8 +11,9 @@ from __future__ import annotations
 import math
 from typing import Mapping, Sequence
 
-from pyspark.sql import Column, DataFrame
+from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
+from pyspark.sql.types import DoubleType, IntegerType, StringType, StructField, StructType
 
 from pipeline.contract import (MISSING_ID, NEGATIVE_ID, RARE_ID, RESERVED_IDS, CategoricalField, ContinuousField,
                                FeatureContract)
@@ -22,63 +23,114 @@ REASONS = ("binary", "column_count", "bad_label", "non_numeric", "bad_day")
 # Binary garbage shows as NUL bytes or as U+FFFD, what Spark decodes invalid UTF-8 to. (Two substring
 # searches: a regular expression over every line costs more than the rest of the parse.)
 _BINARY_MARKS = ("\x00", "\ufffd")
+CORRUPT = "_corrupt"   # Spark's column for a line that does not fit the schema
+
+
+def csv_schema(contract: FeatureContract) -> StructType:
+    """The typed schema of one log line: the label as int, continuous fields as double, everything
+    else as string, and ``_corrupt`` (Spark's column for lines that do not fit it)."""
+    cont = {f.name for f in contract.continuous}
+    types = {n: (IntegerType() if n == contract.label else DoubleType() if n in cont else StringType())
+             for n in contract.source.columns}
+    return StructType([StructField(n, t) for n, t in types.items()] + [StructField(CORRUPT, StringType())])
+
+
+def csv_options(contract: FeatureContract) -> dict[str, str]:
+    """Spark CSV options for the contract's lines: its delimiter, no quoting or escaping (click logs are
+    plain delimited text), empty = missing, malformed lines kept with their text in ``_corrupt``."""
+    return {"sep": contract.source.delimiter, "quote": "\u0000", "escape": "\u0000", "header": "false",
+            "mode": "PERMISSIVE", "columnNameOfCorruptRecord": CORRUPT, "enforceSchema": "true"}
+
+
+def read_records(spark: SparkSession, inputs: Sequence[tuple[int | None, str]], contract: FeatureContract) -> DataFrame:
+    """The input files through Spark's CSV reader with :func:`csv_schema`: typed columns, ``day`` (from
+    the file name; null when it comes from a column) and ``_corrupt``. This is the job's fast path: the
+    native parser splits and converts each line once. Blank lines are skipped; a header line (when the
+    contract has one) is dropped in :func:`check_records`."""
+    reader = spark.read.schema(csv_schema(contract)).options(**csv_options(contract))
+    frames = [reader.csv(path).withColumn("day", F.lit(day).cast("int")) for day, path in inputs]
+    df = frames[0]
+    for f in frames[1:]:
+        df = df.unionByName(f)
+    return df
+
+
+def check_records(records: DataFrame, contract: FeatureContract, seed: int,
+                  keep: Sequence[str | Column] = ()) -> DataFrame:
+    """Typed records -> ``day``, ``label``, the contract's fields, ``_h`` (a long hash of the record and
+    the seed: deterministic sampling and shuffling), ``_bad`` (true for a malformed line) and ``keep``.
+
+    A line is malformed when Spark's parser could not fit it to the schema (wrong column count,
+    a non-numeric value in a continuous field), its label is not 0 or 1, a continuous value is not
+    finite, a string holds binary garbage (NUL, or U+FFFD: what invalid UTF-8 decodes to), or its day
+    cannot be read. The same rule runs in the fast path and in :func:`parse_lines`, so both agree on
+    which lines are good.
+    """
+    src = contract.source
+    if src.header:   # the header does not fit the schema (its label is a name): drop it wherever it is
+        header = src.delimiter.join(src.columns)
+        records = records.filter(F.col(CORRUPT).isNull() | (F.col(CORRUPT) != header))
+    if src.day_from == "column":
+        ts = F.expr(f"try_to_timestamp(`{src.day_column}`, '{src.day_format}')")
+        day = F.datediff(F.to_date(ts), F.lit("1970-01-01").cast("date")).cast("int")
+    else:
+        day = F.col("day")
+    label = F.col(contract.label)
+    bad = F.col(CORRUPT).isNotNull() | label.isNull() | ~label.isin(0, 1) | _non_finite(contract)
+    cont = {f.name for f in contract.continuous}
+    for name in src.columns:   # every string column, the ignored ones too, so both paths parse them all
+        if name != contract.label and name not in cont:
+            for mark in _BINARY_MARKS:
+                bad = bad | F.coalesce(F.col(name).contains(mark), F.lit(False))
+    bad = bad | day.isNull()
+    return records.select(day.alias("day"), label.alias("label"), *[F.col(f.name) for f in contract.fields],
+                          F.xxhash64(*[F.col(n) for n in src.columns], F.lit(seed)).alias("_h"),
+                          bad.alias("_bad"), *keep)
+
+
+def _non_finite(contract: FeatureContract) -> Column:
+    out = F.lit(False)
+    for f in contract.continuous:
+        v = F.col(f.name)
+        out = out | F.coalesce(F.isnan(v) | (F.abs(v) == float("inf")), F.lit(False))
+    return out
 
 
 def parse_lines(lines: DataFrame, contract: FeatureContract, seed: int) -> DataFrame:
-    """Raw text lines -> one row per non-blank line with typed raw fields and a reject reason.
+    """Raw text lines -> the rows of :func:`check_records` with a reject reason and the line itself.
+
+    The slow path, for the lines a run has to quarantine (the job reads the text again only when the
+    fast path counted malformed lines) and for tests. It parses with the same CSV parser, schema and
+    options as :func:`read_records` (``from_csv``), applies the same :func:`check_records` rule, and
+    says why: ``binary``, ``column_count``, ``bad_label``, ``non_numeric``, ``bad_day``.
 
     Input columns: ``value`` (the line) and ``day`` (int, or null when the day comes from a column).
-    Output: ``day``, ``label`` (int), each continuous field as double, each categorical field as
-    string (null = missing), ``_h`` (a long hash of the line and seed: deterministic sampling and
-    shuffling), ``_reason`` (null for good rows) and ``_line`` (the raw line, kept for rejects only).
+    Output: ``day``, ``label``, each field, ``_h``, ``_reason`` (null for good rows) and ``_line``
+    (the raw line, for rejects only).
 
         "1\\t5\\t\\ta1" -> label=1, I1=5.0, I2=null, C1="a1", _reason=null
         "x\\t5\\t\\ta1" -> _reason="bad_label"
     """
     src = contract.source
-    ncols = len(src.columns)
+    schema = csv_schema(contract)
     lines = lines.filter(F.trim(F.col("value")) != "")
-    if src.header:
-        lines = lines.filter(F.col("value") != src.delimiter.join(src.columns))
-    parts = F.split(F.col("value"), _regex_quote(src.delimiter), -1)
-    cols: dict[str, Column] = {}
-    for i, name in enumerate(src.columns):
-        v = F.try_element_at(parts, F.lit(i + 1))
-        cols[name] = F.when(v == "", F.lit(None)).otherwise(v)
-    df = lines.select(F.col("day"), F.col("value").alias("_line"), F.size(parts).alias("_n"),
-                      *[c.alias(f"_raw_{n}") for n, c in cols.items()])
-
-    # Each step is its own projection so that Spark computes the split, the casts and the reason once
-    # per row (it does not collapse projections that would repeat a non-trivial expression).
-    label_raw = F.col(f"_raw_{contract.label}")
-    if src.day_from == "column":
-        ts = F.expr(f"try_to_timestamp(`_raw_{src.day_column}`, '{src.day_format}')")
-        day = F.datediff(F.to_date(ts), F.lit("1970-01-01").cast("date"))
-    else:
-        day = F.col("day")
-    typed = df.select(day.cast("int").alias("day"), "_line", "_n", label_raw.alias("_label"),
-                      *[F.expr(f"try_cast(`_raw_{f.name}` as double)").alias(f.name) for f in contract.continuous],
-                      *[F.col(f"_raw_{f.name}").alias(f"_raw_{f.name}") for f in contract.continuous],
-                      *[F.col(f"_raw_{f.name}").alias(f.name) for f in contract.categorical])
-    bad_numeric = F.lit(False)
-    for f in contract.continuous:
-        num = F.col(f.name)
-        finite = num.isNotNull() & ~F.isnan(num) & (F.abs(num) != float("inf"))
-        bad_numeric = bad_numeric | (F.col(f"_raw_{f.name}").isNotNull() & ~finite)
+    parsed = lines.select("day", F.col("value").alias("_line"),
+                          F.from_csv(F.col("value"), schema.simpleString(), csv_options(contract)).alias("_p"))
+    records = parsed.select("day", "_line", *[F.col("_p")[n].alias(n) for n in schema.names])
+    checked = check_records(records, contract, seed, keep=["_line", CORRUPT, _non_finite(contract).alias("_nf")])
+    parts = F.split(F.col("_line"), _regex_quote(src.delimiter), -1)
+    label_raw = F.try_element_at(parts, F.lit(src.columns.index(contract.label) + 1))
     binary = F.lit(False)
     for mark in _BINARY_MARKS:
         binary = binary | F.col("_line").contains(mark)
-    reason = (F.when(binary, "binary")
-              .when(F.col("_n") != ncols, "column_count")
-              .when(~F.col("_label").isin("0", "1") | F.col("_label").isNull(), "bad_label")
-              .when(bad_numeric, "non_numeric")
-              .when(F.col("day").isNull(), "bad_day"))
-    checked = typed.select("*", reason.alias("_reason"))
-    return checked.select(
-        "day", F.expr("try_cast(_label as int)").alias("label"),
-        *[F.col(f.name) for f in contract.fields],
-        F.xxhash64(F.col("_line"), F.lit(seed)).alias("_h"), "_reason",
-        F.when(F.col("_reason").isNotNull(), F.col("_line")).alias("_line"))
+    reason = (F.when(~F.col("_bad"), F.lit(None).cast("string"))
+              .when(binary, "binary")
+              .when(F.size(parts) != len(src.columns), "column_count")
+              .when(~label_raw.isin("0", "1") | label_raw.isNull(), "bad_label")
+              .when(F.col(CORRUPT).isNotNull() | F.col("_nf"), "non_numeric")
+              .otherwise("bad_day"))
+    return checked.select("day", "label", *[F.col(f.name) for f in contract.fields], "_h",
+                          reason.alias("_reason"), F.when(F.col("_bad"), F.col("_line")).alias("_line"))
 
 
 def _regex_quote(ch: str) -> str:
@@ -177,16 +229,17 @@ def map_rare(ids: DataFrame, vocab: DataFrame, fields: Sequence[CategoricalField
     return ids
 
 
-def sample_negatives(ids: DataFrame, rate: float, seed: int) -> DataFrame:
+def sample_negatives(ids: DataFrame, rate: float, seed: int, only: Column | None = None) -> DataFrame:
     """Keep every positive and a fraction ``rate`` of negatives, decided by the row's own hash (so the
-    same rows are kept whatever the partitioning).
+    same rows are kept whatever the partitioning); with ``only``, rows where it is false are all kept.
 
         rate=1.0 -> unchanged; rate=0.25 -> positives + about a quarter of negatives
     """
     if rate >= 1.0:
         return ids
     u = F.pmod(F.xxhash64(F.col("_h"), F.lit(seed)), F.lit(1 << 30)) / float(1 << 30)
-    return ids.filter((F.col("label") == 1) | (u < rate))
+    keep = (F.col("label") == 1) | (u < rate)
+    return ids.filter(keep if only is None else (~only | keep))
 
 
 def row_group_plan(rows: int, rows_per_row_group: int, min_row_groups: int) -> tuple[int, int]:
