@@ -85,6 +85,33 @@ def test_parse_lines_gives_each_malformed_line_its_reason(spark):
     assert empty["I1"] is None and empty["C1"] is None
 
 
+def test_fast_and_slow_parse_agree_line_by_line(spark, tmp_path):
+    """The job's fast path (Spark's CSV reader over the files) and the quarantine's slow path
+    (from_csv over text lines) must call the same lines good, with the same values and hashes: a line
+    good in one and bad in the other would be counted twice or lost."""
+    c = load_contract(SMALL)
+    good = "1\t" + "\t".join(["5"] * 13) + "\t" + "\t".join(["a1"] * 26)
+    lines = [good, "0\t" + "\t".join([""] * 13) + "\t" + "\t".join([""] * 26),
+             good.replace("\ta1", "", 1), good + "\textra", "2" + good[1:], "\t" + good[2:], "1.0" + good[1:],
+             good.replace("\t5\t", "\tfive\t", 1), good.replace("\t5\t", "\tNaN\t", 1),
+             good.replace("\t5\t", "\t1e999\t", 1), good.replace("\t5\t", "\t-7.5\t", 1),
+             good.replace("a1", "a\x00b", 1), good.replace("a1", "a\ufffdb", 1), "\x00\x01garbage\t\t",
+             good.replace("a1", '"q', 1), "   ", ""]
+    path = tmp_path / "day_0"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    fast = T.check_records(T.read_records(spark, [(0, str(path))], c), c, seed=3).collect()
+    slow = T.parse_lines(spark.read.text(str(path)).withColumn("day", F.lit(0)), c, seed=3).collect()
+    assert len(fast) == len(slow) == len(lines) - 2        # both skip the blank lines, nothing else
+    assert sum(not r["_bad"] for r in fast) == sum(r["_reason"] is None for r in slow) == 4
+    key = lambda r: r["_h"]                                 # noqa: E731
+    good_fast = sorted((r.asDict() for r in fast if not r["_bad"]), key=key)
+    good_slow = sorted((r.asDict() for r in slow if r["_reason"] is None), key=key)
+    for a, b in zip(good_fast, good_slow):
+        assert {k: a[k] for k in ("day", "label", "I1", "I2", "C1", "C26", "_h")} == \
+               {k: b[k] for k in ("day", "label", "I1", "I2", "C1", "C26", "_h")}
+    assert sorted(r["I1"] for r in fast if not r["_bad"] and r["I1"] is not None) == [-7.5, 5.0, 5.0]
+
+
 def test_sampling_keeps_every_positive_and_the_rate_of_negatives(spark):
     df = spark.range(20000).select(F.xxhash64("id").alias("_h"), (F.col("id") % 4 == 0).cast("int").alias("label"))
     kept = T.sample_negatives(df, 0.25, seed=7)
@@ -123,6 +150,13 @@ def test_count_and_map_rare_ids(spark):
 ])
 def test_row_group_plan(rows, per, groups, expected):
     assert T.row_group_plan(rows, per, groups) == expected
+
+
+def test_partition_keys_reach_every_partition(spark):
+    from jobs.featurize import partition_keys
+    keys = partition_keys(spark, 7)
+    df = spark.createDataFrame([(k, p) for p, k in enumerate(keys)], "k int, want int").repartition(7, "k")
+    assert sorted(tuple(r) for r in df.select("want", F.spark_partition_id()).collect()) == [(p, p) for p in range(7)]
 
 
 def test_assign_splits():

@@ -10,6 +10,7 @@ import pytest
 
 from jobs import featurize
 from jobs.featurize import FeaturizeError
+from pipeline import features as T
 from pipeline.contract import load_contract
 from pipeline.generate import read_truth
 from tests.conftest import RAW_ROWS, SMALL
@@ -54,6 +55,10 @@ def test_parquet_layout_serves_eight_ranks(featurized: Path):
         rows = [pq.ParquetFile(f).metadata.num_rows for f in files]
         assert sum(groups) >= 8, split
         assert min(rows) > 0, split                         # no empty files
+        # the files planned for the split, of even size: one shuffle partition each
+        plan = T.row_group_plan(m["splits"][split]["rows"], 16384, 8)
+        assert len(files) == m["splits"][split]["files"] == plan[0], split
+        assert max(rows) <= 16384 and max(rows) - min(rows) < 0.2 * plan[1] + 100, (split, rows)
         assert sum(rows) == m["splits"][split]["rows"]
         t = pq.read_table(files[0])
         assert t.column_names == ["label", *FIELDS, "day"]
