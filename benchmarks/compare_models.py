@@ -50,8 +50,10 @@ def main() -> None:
             sys.exit(f"{model}: " + r.stderr[-3000:])
         m = json.loads((run / "metrics.json").read_text())
         rows[model] = m
+        valid = ", ".join(f"{h['auc']:.4f}" for h in m["history"])
         print(f"{model}: test AUC {m['test']['auc']:.4f} logloss {m['test']['logloss']:.4f} "
-              f"({m['train']['seconds']:.0f} s)", flush=True)
+              f"({m['train']['seconds']:.0f} s; valid AUC per evaluation {valid}; tested the weights of step "
+              f"{m.get('weights_from_step', m['global_step'])} of {m['global_step']})", flush=True)
     lr_auc = rows["lr"]["test"]["auc"] if "lr" in rows else None
     lr_s = rows["lr"]["train"]["seconds"] if "lr" in rows else None
     print(f"\ntrain rows {man['splits']['train']['rows']:,} (neg. sampling {man['sampling']['neg_sample_rate']}), "

@@ -13,6 +13,12 @@ possible). One lookup per field serves both.
 
 The paper's comparison models come from the same parts switched off: ``lr`` (w0 + first order),
 ``fm`` (+ pairwise), ``dnn`` (deep part only), ``deepfm`` (all).
+
+``forward(kjt, with_l2=True)`` also returns the L2 penalty of the embedding rows the batch looked up,
+per row of the batch (sum over fields of ||V_i||^2 and ||w_i||^2, for the parts the model uses): the
+embedding regulariser of the CTR benchmarks (FuxiCTR's ``embedding_regularizer``, DeepCTR's
+``l2_reg_embedding``), applied lazily to the rows a batch touches. It goes into the loss, so it works
+with any sparse optimizer and sharding (FBGEMM's fused CPU Adagrad ignores ``weight_decay``).
 """
 from __future__ import annotations
 
@@ -42,9 +48,11 @@ def table_name(field: str) -> str:
 
 
 class SparseArch(nn.Module):
-    """KJT with one id per field per row -> V [B, F, D] and first-order weights w [B, F]."""
+    """KJT with one id per field per row -> V [B, F, D] and the first-order weights' 4 parts [B, F, 4]."""
 
-    def __init__(self, fields: Sequence[FieldSpec], device: torch.device | str = "cpu"):
+    def __init__(self, fields: Sequence[FieldSpec], device: torch.device | str = "cpu", init_scale: float = 0.0):
+        """``init_scale`` > 0: rows start uniform in [-init_scale, init_scale] in every table; 0: TorchRec's
+        default, uniform in +-sqrt(1 / rows), which starts small tables (bucketized fields) far from zero."""
         super().__init__()
         dims = {f.embedding_dim for f in fields}
         if len(dims) != 1:
@@ -54,13 +62,15 @@ class SparseArch(nn.Module):
         self.ebc = EmbeddingBagCollection(
             tables=[EmbeddingBagConfig(name=table_name(f.name), embedding_dim=self.dim + FIRST_ORDER_DIM,
                                        num_embeddings=f.num_embeddings, feature_names=[f.name],
-                                       pooling=PoolingType.SUM) for f in fields],
+                                       pooling=PoolingType.SUM,
+                                       weight_init_min=-init_scale if init_scale > 0 else None,
+                                       weight_init_max=init_scale if init_scale > 0 else None) for f in fields],
             device=torch.device(device))
 
     def forward(self, kjt: KeyedJaggedTensor) -> tuple[torch.Tensor, torch.Tensor]:
         pooled = self.ebc(kjt).to_dict()     # by key: a sharded EBC may return its keys in another order
         e = torch.stack([pooled[f] for f in self.fields], dim=1)      # [B, F, D + 4]
-        return e[:, :, :self.dim], e[:, :, self.dim:].sum(-1)
+        return e[:, :, :self.dim], e[:, :, self.dim:]
 
 
 class FMInteraction(nn.Module):
@@ -89,31 +99,38 @@ class DeepArch(nn.Module):
 
 
 class DeepFM(nn.Module):
-    """The whole model; ``forward(kjt) -> logit [B]``."""
+    """The whole model; ``forward(kjt) -> logit [B]``, ``forward(kjt, with_l2=True) -> (logit [B], l2 [B])``."""
 
     def __init__(self, fields: Sequence[FieldSpec], kind: str = "deepfm", hidden: Sequence[int] = (400, 400, 400),
                  dropout: float = 0.5, sparse_device: torch.device | str = "cpu",
-                 dense_device: torch.device | str = "cpu"):
+                 dense_device: torch.device | str = "cpu", init_scale: float = 0.0):
         super().__init__()
         if kind not in PARTS:
             raise ValueError(f"model {kind!r} is not one of {sorted(PARTS)}")
         self.kind = kind
         self.use_first, self.use_fm, self.use_deep = PARTS[kind]
-        self.sparse = SparseArch(fields, sparse_device)
+        self.sparse = SparseArch(fields, sparse_device, init_scale)
         self.bias = nn.Parameter(torch.zeros(1, device=dense_device))     # w0
         self.fm = FMInteraction()
         self.deep = DeepArch(len(fields) * self.sparse.dim, hidden, dropout, dense_device) if self.use_deep else None
 
-    def forward(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
-        v, w = self.sparse(kjt)
+    def forward(self, kjt: KeyedJaggedTensor, with_l2: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        v, w4 = self.sparse(kjt)
         logit = self.bias.expand(v.shape[0])
         if self.use_first:
-            logit = logit + w.sum(1)
+            logit = logit + w4.sum((1, 2))
         if self.use_fm:
             logit = logit + self.fm(v)
         if self.deep is not None:
             logit = logit + self.deep(v)
-        return logit
+        if not with_l2:
+            return logit
+        l2 = torch.zeros_like(logit)
+        if self.use_fm or self.deep is not None:
+            l2 = l2 + (v * v).sum((1, 2))
+        if self.use_first:
+            l2 = l2 + (w4 * w4).sum((1, 2))
+        return logit, l2
 
 
 def predict_proba(logit: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,8 @@
 - Optimizers: the sparse one is fused into backward (FBGEMM: Adagrad / row-wise Adagrad / SGD on the
   CPU, which refuses Adam); dense parameters (MLP, bias) are data-parallel with torch.optim.Adam.
 - Checkpoints: torch.distributed.checkpoint, keys normalised (no ``module.`` wrappers) so that a
-  checkpoint written at one world size loads at another.
+  checkpoint written at one world size loads at another. ``checkpoints/step_N`` (model and optimizers)
+  are for resuming; ``checkpoints/best`` (model only) holds the weights of the best valid evaluation.
 """
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ from deepfm.trainconf import TrainConfig
 log = logging.getLogger("deepfm.sharded")
 SPARSE_OPTIMIZERS = {"adagrad": torch.optim.Adagrad, "rowwise_adagrad": RowWiseAdagrad, "sgd": torch.optim.SGD}
 COMPLETE = "COMPLETE"        # written last into a checkpoint folder: only such folders are resumed from
+BEST = "best"                # checkpoints/best: the weights of the best valid evaluation
 
 
 class CheckpointError(RuntimeError):
@@ -61,7 +63,8 @@ class Trainable:
 
 def build(fields: Sequence[FieldSpec], cfg: TrainConfig, cluster: Cluster) -> Trainable:
     torch.manual_seed(cfg.seed)
-    model = DeepFM(fields, cfg.model, cfg.hidden, cfg.dropout, sparse_device="meta", dense_device=cluster.device)
+    model = DeepFM(fields, cfg.model, cfg.hidden, cfg.dropout, sparse_device="meta", dense_device=cluster.device,
+                   init_scale=cfg.embedding_init_scale)
     opt_cls = SPARSE_OPTIMIZERS[cfg.sparse_optimizer]
     sparse_args: dict[str, Any] = {"lr": cfg.sparse_lr}
     if cfg.sparse_optimizer != "sgd":
@@ -121,30 +124,53 @@ def _flat_keys(d: Any, prefix: str = "") -> list[str]:
     return [prefix[:-1]]
 
 
-def _state(t: Trainable) -> dict[str, Any]:
-    return {"model": _normalise(t.dmp.state_dict()), "optim": _normalise(t.optimizer.state_dict())}
+def _state(t: Trainable, with_optimizer: bool = True) -> dict[str, Any]:
+    state = {"model": _normalise(t.dmp.state_dict())}
+    if with_optimizer:
+        state["optim"] = _normalise(t.optimizer.state_dict())
+    return state
 
 
-def save(t: Trainable, cluster: Cluster, run_dir: Path, step: int, meta: dict, keep: int) -> Path:
-    """Write checkpoints/step_<N> (sharded: each rank writes its shards); COMPLETE marks it usable."""
-    ckpt_root = run_dir / "checkpoints"
-    final = ckpt_root / f"step_{step:09d}"
-    tmp = ckpt_root / f".step_{step:09d}.tmp"
+def _write(t: Trainable, cluster: Cluster, final: Path, meta: dict, with_optimizer: bool) -> None:
+    """Write a sharded checkpoint (each rank its shards) into final's .tmp sibling, then rename it once
+    every rank has written; COMPLETE, written last, marks it usable."""
+    tmp = final.parent / f".{final.name}.tmp"
     if cluster.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
-    dcp.save(_state(t), checkpoint_id=str(tmp))
+    dcp.save(_state(t, with_optimizer), checkpoint_id=str(tmp))
     dist.barrier()
     if cluster.is_main:
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         (tmp / COMPLETE).write_text("")
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
+    dist.barrier()
+
+
+def save(t: Trainable, cluster: Cluster, run_dir: Path, step: int, meta: dict, keep: int) -> Path:
+    """Write checkpoints/step_<N> (model and optimizers); the last ``keep`` complete ones are kept."""
+    final = run_dir / "checkpoints" / f"step_{step:09d}"
+    _write(t, cluster, final, meta, with_optimizer=True)
+    if cluster.is_main:
         for old in sorted(complete_checkpoints(run_dir))[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
     return final
+
+
+def save_best(t: Trainable, cluster: Cluster, run_dir: Path, meta: dict) -> Path:
+    """Write checkpoints/best: the model weights (no optimizer state) of the best valid evaluation so far,
+    outside the step_N rotation so that ``keep_checkpoints`` never deletes it."""
+    final = run_dir / "checkpoints" / BEST
+    _write(t, cluster, final, meta, with_optimizer=False)
+    return final
+
+
+def best_checkpoint(run_dir: Path) -> Path | None:
+    p = run_dir / "checkpoints" / BEST
+    return p if (p / COMPLETE).exists() else None
 
 
 def complete_checkpoints(run_dir: Path) -> list[Path]:

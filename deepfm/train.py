@@ -129,7 +129,8 @@ def _train(a: argparse.Namespace, cfg: TrainConfig, cluster: Cluster) -> dict:
              cfg.model, t.plan_summary() if cluster.is_main else "")
 
     # Where to start: a checkpoint of this run (resume), else a warm start, else from scratch.
-    epoch, step_in_epoch, global_step, best_auc, bad_evals = 0, 0, 0, -1.0, 0
+    epoch, step_in_epoch, global_step, best_auc, best_step, bad_evals = 0, 0, 0, -1.0, -1, 0
+    early_stopped = False
     history: list[dict] = []
     examples_done, seconds_done = 0, 0.0
     resume = sharded.latest_checkpoint(run)
@@ -137,6 +138,7 @@ def _train(a: argparse.Namespace, cfg: TrainConfig, cluster: Cluster) -> dict:
         saved = sharded.load(t, resume, ds.fingerprint)
         epoch, step_in_epoch, global_step = saved["epoch"], saved["step_in_epoch"], saved["global_step"]
         best_auc, bad_evals, history = saved["best_auc"], saved["bad_evals"], saved["history"]
+        best_step, early_stopped = saved.get("best_step", -1), saved.get("early_stopped", False)
         examples_done, seconds_done = saved["examples"], saved["seconds"]
         if saved["world_size"] != cluster.world:    # same fraction of the epoch, at the new world size
             step_in_epoch = int(step_in_epoch * saved["world_size"] / cluster.world)
@@ -160,8 +162,8 @@ def _train(a: argparse.Namespace, cfg: TrainConfig, cluster: Cluster) -> dict:
 
     def meta(e: int, s: int) -> dict:
         return {"epoch": e, "step_in_epoch": s, "global_step": global_step, "best_auc": best_auc,
-                "bad_evals": bad_evals, "history": history, "examples": examples_done,
-                "seconds": seconds_done, "world_size": cluster.world, "feature_fingerprint": ds.fingerprint,
+                "best_step": best_step, "bad_evals": bad_evals, "early_stopped": early_stopped, "history": history,
+                "examples": examples_done, "seconds": seconds_done, "world_size": cluster.world, "feature_fingerprint": ds.fingerprint,
                 "contract_fingerprint": ds.manifest["contract_fingerprint"], "config": _jsonable(asdict(cfg)),
                 "fields": [asdict(f) for f in ds.fields], "data": str(Path(a.data).resolve())}
 
@@ -169,7 +171,7 @@ def _train(a: argparse.Namespace, cfg: TrainConfig, cluster: Cluster) -> dict:
 
     def validate() -> bool:
         """Evaluate on valid; True when early stopping says stop."""
-        nonlocal best_auc, bad_evals
+        nonlocal best_auc, best_step, bad_evals
         if not has_valid:
             return False
         with clock.paused():
@@ -182,12 +184,15 @@ def _train(a: argparse.Namespace, cfg: TrainConfig, cluster: Cluster) -> dict:
             log.info("valid at step %d: auc %.4f logloss %.4f ne %.4f calibration %.3f", global_step, m["auc"],
                      m["logloss"], m["ne"], m["calibration"])
         if m["auc"] > best_auc:
-            best_auc, bad_evals = m["auc"], 0
+            best_auc, best_step, bad_evals = m["auc"], global_step, 0
+            if cfg.keep_best:
+                with clock.paused():
+                    sharded.save_best(t, cluster, run, meta(epoch, step_in_epoch))
         else:
             bad_evals += 1
         return bad_evals >= cfg.early_stopping_patience
 
-    stop = False
+    stop = early_stopped
     clock.start(seconds_done)
     ex_start = examples_done
     while epoch < cfg.epochs and not stop:
@@ -198,8 +203,13 @@ def _train(a: argparse.Namespace, cfg: TrainConfig, cluster: Cluster) -> dict:
         while step_in_epoch < steps_per_epoch:
             b = next(stream).to(cluster.device)
             with torch.autocast(cluster.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-                logit = t.dmp(b.kjt)
+                if cfg.embedding_l2:
+                    logit, l2 = t.dmp(b.kjt, with_l2=True)
+                else:
+                    logit, l2 = t.dmp(b.kjt), None
             loss = loss_fn(logit.float(), b.labels)
+            if l2 is not None:
+                loss = loss + cfg.embedding_l2 * l2.float().mean()
             t.optimizer.zero_grad()
             loss.backward()
             t.optimizer.step()
@@ -214,7 +224,7 @@ def _train(a: argparse.Namespace, cfg: TrainConfig, cluster: Cluster) -> dict:
                     if writer:
                         writer.add_scalar("train/loss", loss.item(), global_step)
             if cfg.eval_every_steps and global_step % cfg.eval_every_steps == 0:
-                stop = validate()
+                stop = early_stopped = validate()
             if cfg.checkpoint_every_steps and global_step % cfg.checkpoint_every_steps == 0:
                 with clock.paused():
                     seconds_done = clock.seconds()
@@ -228,17 +238,26 @@ def _train(a: argparse.Namespace, cfg: TrainConfig, cluster: Cluster) -> dict:
         if step_in_epoch >= steps_per_epoch:
             epoch, step_in_epoch = epoch + 1, 0
             if not cfg.eval_every_steps and validate():
-                stop = True
+                stop = early_stopped = True
         with clock.paused():
             seconds_done = clock.seconds()
             sharded.save(t, cluster, run, global_step, meta(epoch, step_in_epoch), cfg.keep_checkpoints)
 
+    weights_from = global_step
+    if cfg.keep_best and 0 <= best_step != global_step and restore_best(t, cluster, run, ds.fingerprint, best_step):
+        weights_from = best_step
+        # The run's model is now the best one: the last checkpoint gets its weights too, so that
+        # deepfm.evaluate, --warm-start and the retraining registry see the model the test figures are for.
+        sharded.save(t, cluster, run, global_step, {**meta(epoch, step_in_epoch), "weights_from_step": best_step},
+                     cfg.keep_checkpoints)
+    best = next((h for h in history if h["step"] == weights_from), history[-1] if history else {})
     result: dict[str, Any] = {
         "model": cfg.model, "world_size": cluster.world, "device": str(cluster.device),
         "feature_fingerprint": ds.fingerprint, "global_step": global_step,
         "train": {"examples": examples_done, "seconds": round(seconds_done, 3),
                   "examples_per_s": round(examples_done / max(seconds_done, 1e-9), 1)},
-        "valid": history[-1] if history else {}, "valid_best_auc": best_auc, "history": history,
+        "valid": best, "valid_best_auc": best_auc, "valid_best_step": best_step, "weights_from_step": weights_from,
+        "history": history,
         "plan": t.plan_summary(),
     }
     if not a.no_test and ds.rows("test") > 0:
@@ -252,6 +271,20 @@ def _train(a: argparse.Namespace, cfg: TrainConfig, cluster: Cluster) -> dict:
         if writer:
             writer.close()
     return result
+
+
+def restore_best(t: sharded.Trainable, cluster: Cluster, run: Path, fingerprint: str, best_step: int) -> bool:
+    """Load checkpoints/best (the weights of the best valid evaluation, at step ``best_step``); False, with
+    a warning, when it does not hold them (a run killed while writing it), and the weights stay as they are."""
+    ckpt = sharded.best_checkpoint(run)
+    if ckpt is None or sharded.read_meta(ckpt)["global_step"] != best_step:
+        log.warning("%s does not hold the weights of step %d (the best valid evaluation): testing the last weights",
+                    run / "checkpoints" / sharded.BEST, best_step)
+        return False
+    sharded.load(t, ckpt, fingerprint, with_optimizer=False)
+    if cluster.is_main:
+        log.info("restored the weights of step %d (best valid auc) from %s", best_step, ckpt)
+    return True
 
 
 class Stopwatch:

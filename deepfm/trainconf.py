@@ -27,12 +27,15 @@ class TrainConfig:
     dense_lr: float = 1e-3
     sparse_optimizer: str = "adagrad"
     sparse_lr: float = 0.01
-    weight_decay: float = 0.0
+    embedding_init_scale: float = 0.0       # rows start uniform in +-this; 0: TorchRec's +-sqrt(1 / rows)
+    weight_decay: float = 0.0               # L2 on the dense parameters (Adam)
+    embedding_l2: float = 0.0               # loss += embedding_l2 * mean over rows of sum ||looked-up row||^2
     bf16: bool = False
     eval_every_steps: int = 0
     checkpoint_every_steps: int = 500
     keep_checkpoints: int = 2
     early_stopping_patience: int = 2
+    keep_best: bool = True                  # test and the final checkpoint use the best valid evaluation's weights
     seed: int = 1234
     reader_workers: int = 2
     prefetch_batches: int = 8
@@ -56,6 +59,9 @@ class TrainConfig:
         for k in ("dense_lr", "sparse_lr"):
             if not getattr(self, k) > 0:
                 raise bad(k, "must be positive")
+        for k in ("weight_decay", "embedding_l2", "embedding_init_scale"):
+            if getattr(self, k) < 0:
+                raise bad(k, "must not be negative")
         for table, kind in self.sharding.items():
             if kind not in SHARDING_TYPES:
                 raise bad(f"sharding.{table}", f"{kind!r} is not one of {SHARDING_TYPES}")

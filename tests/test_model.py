@@ -81,3 +81,18 @@ def test_paper_defaults_and_one_sigmoid():
 def test_fields_must_share_one_dim():
     with pytest.raises(ValueError, match="one embedding dim"):
         DeepFM([FieldSpec("a", 10, 4), FieldSpec("b", 10, 8)])
+
+
+@pytest.mark.parametrize("kind", ["lr", "fm", "dnn", "deepfm"])
+def test_l2_penalty_is_the_squared_norm_of_the_rows_the_model_uses(kind):
+    m = _model(kind)
+    ids = np.array([[1, 2, 3], [0, 19, 4]], dtype=np.int32)
+    b = to_batch(ids, np.zeros(2), [f.name for f in FIELDS])
+    tables = [m.sparse.ebc.embedding_bags[f"t_{f.name}"].weight for f in FIELDS]
+    rows = torch.stack([torch.stack([tables[j][ids[i, j]] for j in range(3)]) for i in range(2)])   # [B, F, D+4]
+    v_sq, w_sq = (rows[:, :, :4] ** 2).sum((1, 2)), (rows[:, :, 4:] ** 2).sum((1, 2))
+    expected = {"lr": w_sq, "fm": v_sq + w_sq, "dnn": v_sq, "deepfm": v_sq + w_sq}[kind]
+    with torch.no_grad():
+        logit, l2 = m(b.kjt, with_l2=True)
+        assert_close(l2, expected)
+        assert_close(logit, m(b.kjt))

@@ -55,6 +55,17 @@ def test_two_ranks_beat_a_constant_predictor(trained: Path, featurized: Path):
     assert list((trained / "tensorboard").glob("events.out.tfevents.*"))
 
 
+def test_the_tested_weights_are_the_best_valid_ones(trained: Path):
+    m = metrics(trained)
+    best = max(m["history"], key=lambda h: h["auc"])
+    assert m["weights_from_step"] == m["valid_best_step"] == best["step"]
+    assert m["valid"] == best and m["valid_best_auc"] == best["auc"]
+    assert json.loads((trained / "checkpoints" / "best" / "meta.json").read_text())["global_step"] == best["step"]
+    last = sorted((trained / "checkpoints").glob("step_*"))[-1]       # what deepfm.evaluate and warm starts load
+    if best["step"] != m["global_step"]:
+        assert json.loads((last / "meta.json").read_text())["weights_from_step"] == best["step"]
+
+
 def test_evaluate_at_another_world_size_gives_the_same_metrics(trained: Path, featurized: Path):
     r = subprocess.run([sys.executable, "-m", "deepfm.evaluate", "--run", str(trained), "--data", str(featurized),
                         "--split", "test"], cwd=ROOT, capture_output=True, text=True, timeout=300)
