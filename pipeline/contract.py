@@ -160,10 +160,20 @@ class FeatureContract:
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def with_overrides(self, **changes: Any) -> "FeatureContract":
-        """A copy with dotted-key overrides, e.g. ``with_overrides(**{"sampling.neg_sample_rate": 0.5})``."""
+        """A copy with dotted-key overrides, e.g. ``with_overrides(**{"sampling.neg_sample_rate": 0.5})``.
+        ``categorical.defaults.K`` / ``continuous.defaults.K`` set K for every field of that kind (applied
+        before per-field keys, whatever the order given)."""
         data = _to_raw(self)
-        for key, value in changes.items():
-            _set_dotted(data, key, value)
+        for key, value in sorted(changes.items(), key=lambda kv: ".defaults." not in f".{kv[0]}"):
+            kind, _, rest = key.partition(".defaults.")
+            if kind in ("categorical", "continuous") and rest:
+                allowed = _CAT_KEYS if kind == "categorical" else _CONT_KEYS
+                if rest not in allowed:
+                    raise ContractError(f"{key}: unknown key in override (allowed: {', '.join(sorted(allowed))})")
+                for f in data[kind]["fields"].values():
+                    f[rest] = value
+            else:
+                _set_dotted(data, key, value)
         return parse_contract(data)
 
 

@@ -49,6 +49,11 @@ def test_fingerprint_is_stable_and_tracks_what_ids_mean():
     assert a.with_overrides(**{"splits.test_days": 2}).fingerprint == a.fingerprint
     assert a.with_overrides(**{"categorical.fields.C3.hash_buckets": 999}).fingerprint != a.fingerprint
     assert a.with_overrides(**{"continuous.fields.I1.bucketing": "quantile"}).fingerprint != a.fingerprint
+    # a default applies to every field of its kind; a per-field key given with it still wins
+    b = a.with_overrides(**{"categorical.fields.C2.min_count": 7, "categorical.defaults.min_count": 5})
+    assert [f.min_count for f in b.categorical[:3]] == [5, 7, 5] and all(f.min_count == 5 for f in b.categorical[2:])
+    with pytest.raises(ContractError, match="categorical.defaults.min_cnt"):
+        a.with_overrides(**{"categorical.defaults.min_cnt": 5})
 
 
 @pytest.mark.parametrize("edit, key", [
