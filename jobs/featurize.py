@@ -235,7 +235,7 @@ def _featurize(spark: SparkSession, o: Options, fs: HadoopFS, inputs: list[tuple
             want = set(T.quantile_probabilities(f))
             boundaries[f.name] = sorted({float(v) for p, v in zip(probs, q) if p in want})
         log.info("fitted boundaries for %d field(s) on train days %s", len(qfields), split_days["train"])
-    ids = T.to_ids(checked, c, boundaries, keep=["_bad"]).withColumn("_split", split_of[F.col("day")])
+    all_ids = T.to_ids(checked, c, boundaries, keep=["_bad"]).withColumn("_split", split_of[F.col("day")])
 
     # 3. Rare values: ids seen fewer than min_count times in the train days -> 1.
     rare_fields = [f for f in c.categorical if f.min_count > 0]
@@ -246,7 +246,7 @@ def _featurize(spark: SparkSession, o: Options, fs: HadoopFS, inputs: list[tuple
         if reused is not None:
             vocab = spark.read.parquet(reused["vocab_path"])
         else:
-            counts = T.count_ids(ids.filter(train_rows), rare_fields)
+            counts = T.count_ids(all_ids.filter(train_rows), rare_fields)
             mins = F.create_map(*[x for f in rare_fields for x in (F.lit(f.name), F.lit(f.min_count))])
             vocab = counts.filter(F.col("count") >= mins[F.col("field")])
         vocab.repartition(max(1, len(rare_fields) // 4)).write.parquet(f"{staging}/vocab")
@@ -262,7 +262,7 @@ def _featurize(spark: SparkSession, o: Options, fs: HadoopFS, inputs: list[tuple
     counted = Observation("featurize: input")
     split_aggs = [a for s in SPLITS for a in (F.count_if(good & (F.col("_split") == s)).alias(f"{s}_rows"),
                                                F.sum(F.when(good & (F.col("_split") == s), F.col("label"))).alias(f"{s}_pos"))]
-    ids = ids.observe(counted, F.count(F.lit(1)).alias("lines"), F.count_if(F.col("_bad")).alias("bad"), *split_aggs)
+    ids = all_ids.observe(counted, F.count(F.lit(1)).alias("lines"), F.count_if(F.col("_bad")).alias("bad"), *split_aggs)
     ids = ids.filter(good).drop("_bad")
     if vocab is not None:
         ids = T.map_rare(ids, vocab, rare_fields)
@@ -314,7 +314,7 @@ def _featurize(spark: SparkSession, o: Options, fs: HadoopFS, inputs: list[tuple
         # observed metrics can count twice when Spark re-runs tasks after a failure: count again
         log.warning("observed counts disagree with the written files (a retried stage?); counting the input again")
         sc.setJobDescription("featurize: recount the input")
-        total, n_bad, before = recount(T.to_ids(checked, c, boundaries, keep=["_bad"]).withColumn("_split", split_of[F.col("day")]))
+        total, n_bad, before = recount(all_ids)
         for s in SPLITS:
             split_stats[s]["before_sampling"] = before[s]
 
