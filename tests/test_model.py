@@ -44,13 +44,18 @@ def _model(kind: str) -> DeepFM:
     return m.eval()
 
 
-@pytest.mark.parametrize("kind", ["lr", "fm", "dnn", "deepfm"])
-def test_parts_add_up_to_the_paper_formula(kind):
-    m = _model(kind)
+def _batch_and_rows(m):
+    """A batch of two rows, and the table rows [B, F, D+4] that the model looks up for it."""
     ids = np.array([[1, 2, 3], [0, 19, 4]], dtype=np.int32)
     b = to_batch(ids, np.zeros(2), [f.name for f in FIELDS])
     tables = [m.sparse.ebc.embedding_bags[f"t_{f.name}"].weight for f in FIELDS]
-    rows = torch.stack([torch.stack([tables[j][ids[i, j]] for j in range(3)]) for i in range(2)])   # [B, F, D+4]
+    return b, torch.stack([torch.stack([tables[j][ids[i, j]] for j in range(3)]) for i in range(2)])
+
+
+@pytest.mark.parametrize("kind", ["lr", "fm", "dnn", "deepfm"])
+def test_parts_add_up_to_the_paper_formula(kind):
+    m = _model(kind)
+    b, rows = _batch_and_rows(m)
     v, w = rows[:, :, :4], rows[:, :, 4:].sum(-1)
     first = w.sum(1)
     pair = sum((v[:, i] * v[:, j]).sum(1) for i, j in itertools.combinations(range(3), 2))
@@ -86,10 +91,7 @@ def test_fields_must_share_one_dim():
 @pytest.mark.parametrize("kind", ["lr", "fm", "dnn", "deepfm"])
 def test_l2_penalty_is_the_squared_norm_of_the_rows_the_model_uses(kind):
     m = _model(kind)
-    ids = np.array([[1, 2, 3], [0, 19, 4]], dtype=np.int32)
-    b = to_batch(ids, np.zeros(2), [f.name for f in FIELDS])
-    tables = [m.sparse.ebc.embedding_bags[f"t_{f.name}"].weight for f in FIELDS]
-    rows = torch.stack([torch.stack([tables[j][ids[i, j]] for j in range(3)]) for i in range(2)])   # [B, F, D+4]
+    b, rows = _batch_and_rows(m)
     v_sq, w_sq = (rows[:, :, :4] ** 2).sum((1, 2)), (rows[:, :, 4:] ** 2).sum((1, 2))
     expected = {"lr": w_sq, "fm": v_sq + w_sq, "dnn": v_sq, "deepfm": v_sq + w_sq}[kind]
     with torch.no_grad():
