@@ -139,11 +139,7 @@ def find_day_inputs(fs: HadoopFS, input_dir: str, contract: FeatureContract,
 
 def read_lines(spark: SparkSession, inputs: list[tuple[int | None, str]]) -> DataFrame:
     """All input lines with their day (from the file name; null when it comes from a column)."""
-    frames = [spark.read.text(path).withColumn("day", F.lit(day).cast("int")) for day, path in inputs]
-    df = frames[0]
-    for f in frames[1:]:
-        df = df.unionByName(f)
-    return df
+    return T.union_days(inputs, spark.read.text)
 
 
 def assign_splits(days: list[int], valid_days: int, test_days: int) -> dict[str, list[int]]:

@@ -9,7 +9,7 @@ and the plan runs at Spark's own speed. The id layout is the contract's (see pip
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
@@ -48,7 +48,13 @@ def read_records(spark: SparkSession, inputs: Sequence[tuple[int | None, str]], 
     native parser splits and converts each line once. Blank lines are skipped; a header line (when the
     contract has one) is dropped in :func:`check_records`."""
     reader = spark.read.schema(csv_schema(contract)).options(**csv_options(contract))
-    frames = [reader.csv(path).withColumn("day", F.lit(day).cast("int")) for day, path in inputs]
+    return union_days(inputs, reader.csv)
+
+
+def union_days(inputs: Sequence[tuple[int | None, str]], read: Callable[[str], DataFrame]) -> DataFrame:
+    """``read(path)`` of every (day, path) input with a ``day`` column (null when days come from a
+    column), as one DataFrame."""
+    frames = [read(path).withColumn("day", F.lit(day).cast("int")) for day, path in inputs]
     df = frames[0]
     for f in frames[1:]:
         df = df.unionByName(f)
