@@ -20,9 +20,10 @@ import re
 import sys
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from pyspark.sql import Column, DataFrame, Observation, SparkSession
 from pyspark.sql import functions as F
@@ -111,6 +112,25 @@ def get_spark() -> SparkSession:
     return spark
 
 
+class Phases:
+    """Names each step of the job in Spark's UI (job description) and in the log, and keeps its seconds
+    for the manifest: where the time of a run went."""
+
+    def __init__(self, spark: SparkSession):
+        self.sc = spark.sparkContext
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        self.sc.setJobDescription(f"featurize: {name}")
+        t = time.time()
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(self.seconds.get(name, 0.0) + time.time() - t, 2)
+        log.info("%s: %.1f s", name, self.seconds[name])
+
+
 # --- extract -------------------------------------------------------------------------------------
 
 def find_day_inputs(fs: HadoopFS, input_dir: str, contract: FeatureContract,
@@ -191,7 +211,7 @@ def _featurize(spark: SparkSession, o: Options, fs: HadoopFS, inputs: list[tuple
     (``observe``); the text is read again only to plan file counts (a line count), to fit quantiles or
     a vocabulary when the contract asks for them, and to quarantine malformed lines when there are any."""
     c = o.contract
-    sc = spark.sparkContext
+    phase = Phases(spark)
     # Wide rows make big generated methods; the JVM does not compile methods over 8 kB of bytecode and
     # would interpret them (3x slower here). At this limit Spark splits such a stage into small methods.
     spark.conf.set("spark.sql.codegen.hugeMethodLimit", "8000")
@@ -203,12 +223,12 @@ def _featurize(spark: SparkSession, o: Options, fs: HadoopFS, inputs: list[tuple
     # 1. Which days, which split each belongs to, and about how many rows each split will have.
     if c.source.day_from == "file_name":
         days = sorted({d for d, _ in inputs if d is not None})
-        sc.setJobDescription("featurize: count lines (to plan files)")
-        plan = count_lines(spark, inputs, c)
+        with phase("count lines (to plan files)"):
+            plan = count_lines(spark, inputs, c)
     else:
-        sc.setJobDescription("featurize: find days")
-        plan = {r["day"]: (int(r["rows"]), int(r["positives"] or 0)) for r in checked.filter(good).groupBy("day").agg(
-            F.count(F.lit(1)).alias("rows"), F.sum("label").alias("positives")).collect()}
+        with phase("find days"):
+            plan = {r["day"]: (int(r["rows"]), int(r["positives"] or 0)) for r in checked.filter(good).groupBy("day")
+                    .agg(F.count(F.lit(1)).alias("rows"), F.sum("label").alias("positives")).collect()}
         days = sorted(plan)
         if not days:
             raise FeaturizeError("no good rows in the input")
@@ -222,11 +242,11 @@ def _featurize(spark: SparkSession, o: Options, fs: HadoopFS, inputs: list[tuple
     if reused is not None:
         boundaries = {k: list(v) for k, v in reused["boundaries"].items()}
     elif qfields:
-        sc.setJobDescription("featurize: fit quantile boundaries")
         nonneg = checked.filter(train_rows).select(*[F.when(F.col(f.name) >= 0, F.col(f.name)).alias(f.name)
                                                      for f in qfields])
         probs = sorted({p for f in qfields for p in T.quantile_probabilities(f)})
-        qs = nonneg.approxQuantile([f.name for f in qfields], probs, 1e-4)
+        with phase("fit quantile boundaries"):
+            qs = nonneg.approxQuantile([f.name for f in qfields], probs, 1e-4)
         for f, q in zip(qfields, qs):
             want = set(T.quantile_probabilities(f))
             boundaries[f.name] = sorted({float(v) for p, v in zip(probs, q) if p in want})
@@ -238,17 +258,17 @@ def _featurize(spark: SparkSession, o: Options, fs: HadoopFS, inputs: list[tuple
     vocab_info: dict[str, Any] = {}
     vocab = None
     if rare_fields:
-        sc.setJobDescription("featurize: count ids for min_count")
-        if reused is not None:
-            vocab = spark.read.parquet(reused["vocab_path"])
-        else:
-            counts = T.count_ids(all_ids.filter(train_rows), rare_fields)
-            mins = F.create_map(*[x for f in rare_fields for x in (F.lit(f.name), F.lit(f.min_count))])
-            vocab = counts.filter(F.col("count") >= mins[F.col("field")])
-        vocab.repartition(max(1, len(rare_fields) // 4)).write.parquet(f"{staging}/vocab")
-        vocab = spark.read.parquet(f"{staging}/vocab")
-        sizes = {r["field"]: r["n"] for r in vocab.groupBy("field").agg(F.count(F.lit(1)).alias("n")).collect()}
-        digest = vocab.agg(F.bit_xor(F.xxhash64("field", "id")).alias("d")).collect()[0]["d"] or 0
+        with phase("vocabulary (min_count)"):
+            if reused is not None:
+                vocab = spark.read.parquet(reused["vocab_path"])
+            else:
+                counts = T.count_ids(all_ids.filter(train_rows), rare_fields)
+                mins = F.create_map(*[x for f in rare_fields for x in (F.lit(f.name), F.lit(f.min_count))])
+                vocab = counts.filter(F.col("count") >= mins[F.col("field")])
+            vocab.repartition(max(1, len(rare_fields) // 4)).write.parquet(f"{staging}/vocab")
+            vocab = spark.read.parquet(f"{staging}/vocab")
+            sizes = {r["field"]: r["n"] for r in vocab.groupBy("field").agg(F.count(F.lit(1)).alias("n")).collect()}
+            digest = vocab.agg(F.bit_xor(F.xxhash64("field", "id")).alias("d")).collect()[0]["d"] or 0
         vocab_info = {"path": "vocab", "ids_kept": {f.name: sizes.get(f.name, 0) for f in rare_fields},
                       "digest": str(digest)}
 
@@ -274,48 +294,46 @@ def _featurize(spark: SparkSession, o: Options, fs: HadoopFS, inputs: list[tuple
     offsets, at = {}, 0
     for s in SPLITS:
         offsets[s], at = at, at + plan_files[s]
-    keys = partition_keys(spark, n_parts)
+    keys = T.partition_keys(n_parts)
     k = F.xxhash64(F.col("_h"), F.lit(c.sampling.seed + 1))
     def per_split(d: dict[str, int]) -> Column:
         return F.create_map(*[x for s, v in d.items() for x in (F.lit(s), F.lit(v))])[F.col("_split")]
     target = per_split(offsets) + F.pmod(k, F.greatest(per_split(plan_files), F.lit(1)))
     fields = list(c.field_names)
-    placed = ids.select("label", *fields, "day", "_split", k.alias("_k"),
+    placed = ids.select("label", *fields, "day", k.alias("_k"),
                         F.element_at(F.array(*[F.lit(x) for x in keys]), (target + 1).cast("int")).alias("_pk"))
-    sc.setJobDescription("featurize: parse, hash, bucket, sample and write train/valid/test")
-    (placed.repartition(n_parts, "_pk").sortWithinPartitions("_split", "_k").drop("_k", "_pk")
-     .write.partitionBy("_split").option("maxRecordsPerFile", c.output.rows_per_row_group)
-     .option("compression", "snappy").parquet(f"{staging}/_splits"))
+    # Shuffle partition p is file p: files [offsets[s], offsets[s] + plan_files[s]) are split s's. One
+    # flat write (the partition's number is in its file's name), sorted by one random long per file.
+    with phase("parse, hash, bucket, sample and write train/valid/test"):
+        (placed.repartition(n_parts, "_pk").sortWithinPartitions("_k").drop("_k", "_pk")
+         .write.option("maxRecordsPerFile", c.output.rows_per_row_group)
+         .option("compression", "snappy").parquet(f"{staging}/_all"))
     obs = counted.get
     total, n_bad = int(obs["lines"]), int(obs["bad"])
     before = {s: {"rows": int(obs[f"{s}_rows"]), "positives": int(obs[f"{s}_pos"] or 0)} for s in SPLITS}
 
     # 5. What was written, from the files themselves; then each split into its place.
-    sc.setJobDescription("featurize: count the output")
-    written = {r["_split"]: (int(r["rows"]), int(r["pos"] or 0)) for r in spark.read.parquet(f"{staging}/_splits")
-               .groupBy("_split").agg(F.count(F.lit(1)).alias("rows"), F.sum("label").alias("pos")).collect()}
+    owners = {s: range(offsets[s], offsets[s] + plan_files[s]) for s in SPLITS}
+    with phase("count the output"):
+        per_part = count_parts(spark, f"{staging}/_all")
+    n_files = place_files(fs, f"{staging}/_all", staging, owners)
     split_stats: dict[str, dict[str, Any]] = {}
     for s in SPLITS:
-        src, path = f"{staging}/_splits/_split={s}", f"{staging}/{s}"
-        n_files = 0
-        if fs.exists(src):
-            fs.rename(src, path)
-            n_files = len([e for e in fs.list(path) if e.name.endswith(".parquet")])
-        after = written.get(s, (0, 0))
+        after = tuple(sum(v[i] for p, v in per_part.items() if p in owners[s]) for i in (0, 1))
         split_stats[s] = {"days": split_days[s], "before_sampling": before[s], "rows": after[0],
-                          "positives": after[1], "files": n_files, "neg_sample_rate": rates[s]}
-    fs.delete(f"{staging}/_splits")
+                          "positives": after[1], "files": n_files[s], "neg_sample_rate": rates[s]}
     if any(before[s]["positives"] != split_stats[s]["positives"] or (rates[s] >= 1.0 and before[s]["rows"] != split_stats[s]["rows"])
            for s in SPLITS):
         # observed metrics can count twice when Spark re-runs tasks after a failure: count again
         log.warning("observed counts disagree with the written files (a retried stage?); counting the input again")
-        sc.setJobDescription("featurize: recount the input")
-        total, n_bad, before = recount(all_ids)
+        with phase("recount the input"):
+            total, n_bad, before = recount(all_ids)
         for s in SPLITS:
             split_stats[s]["before_sampling"] = before[s]
 
     # 6. Malformed lines, with their reason: the text is read again only when there are any.
-    rejects = quarantine(spark, o, inputs, f"{staging}/rejects", n_bad)
+    with phase("quarantine malformed lines"):
+        rejects = quarantine(spark, o, inputs, f"{staging}/rejects", n_bad)
     n_rejects = sum(rejects.values())
     if n_rejects != n_bad:
         raise FeaturizeError(f"the parse counted {n_bad} malformed lines but the quarantine found {n_rejects}; "
@@ -355,6 +373,7 @@ def _featurize(spark: SparkSession, o: Options, fs: HadoopFS, inputs: list[tuple
         "input": {"path": o.input, "files": [p for _, p in inputs], "days": days, "lines": total,
                   "reused_from": o.reuse},
         "seconds": seconds,
+        "seconds_by_step": phase.seconds,
         "spark_version": spark.version,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
@@ -372,17 +391,35 @@ def count_lines(spark: SparkSession, inputs: list[tuple[int | None, str]], c: Fe
     return {r["day"]: (int(r["n"]), int(r["pos"])) for r in counts}
 
 
-def partition_keys(spark: SparkSession, n: int) -> list[int]:
-    """For each partition p < n an int key that Spark's hash partitioning into n partitions sends to p
-    (pmod(murmur3(key), n) == p, found by Spark itself), so that a row can be sent to a chosen file."""
-    found: dict[int, int] = {}
-    lo = 0
-    while len(found) < n:
-        cand = spark.range(lo, lo + 16 * n).select(F.col("id").cast("int").alias("k"))
-        for r in cand.groupBy(F.pmod(F.hash("k"), F.lit(n)).alias("p")).agg(F.min("k").alias("k")).collect():
-            found.setdefault(int(r["p"]), int(r["k"]))
-        lo += 16 * n
-    return [found[p] for p in range(n)]
+PART_FILE = re.compile(r"^part-(\d+)-.*\.parquet$")
+
+
+def place_files(fs: HadoopFS, written: str, staging: str, parts: dict[str, range]) -> dict[str, int]:
+    """Move each Parquet file of ``written`` (Spark's part-<partition>-... names) into ``staging/<split>``
+    by the split that owns its partition; returns the file count per split. A file that fits no split
+    (a name Spark did not give) stops the job rather than being lost."""
+    moved = {s: 0 for s in parts}
+    for e in fs.list(written):
+        if e.name.startswith(("_", ".")):
+            continue
+        m = PART_FILE.match(e.name)
+        owner = [s for s, r in parts.items() if m and int(m.group(1)) in r]
+        if not owner:
+            raise FeaturizeError(f"{e.path}: not a part file of a planned partition; nothing was committed")
+        if not moved[owner[0]]:
+            fs.mkdirs(f"{staging}/{owner[0]}")
+        fs.rename(e.path, f"{staging}/{owner[0]}/{e.name}")
+        moved[owner[0]] += 1
+    fs.delete(written)
+    return moved
+
+
+def count_parts(spark: SparkSession, path: str) -> dict[int, tuple[int, int]]:
+    """Shuffle partition -> (rows, positives) of the part files Spark wrote under ``path``, in one job."""
+    part = F.regexp_extract(F.input_file_name(), r"/part-(\d+)-[^/]*$", 1).cast("int")
+    rows = (spark.read.parquet(path).groupBy(part.alias("p"))
+            .agg(F.count(F.lit(1)).alias("rows"), F.sum("label").alias("pos")).collect())
+    return {int(r["p"]): (int(r["rows"]), int(r["pos"] or 0)) for r in rows}
 
 
 def recount(ids: DataFrame) -> tuple[int, int, dict[str, dict[str, int]]]:
@@ -405,7 +442,6 @@ def quarantine(spark: SparkSession, o: Options, inputs: list[tuple[int | None, s
         spark.createDataFrame([], "day int, reason string, line string").write.parquet(path)
         return out
     c = o.contract
-    spark.sparkContext.setJobDescription("featurize: quarantine malformed lines")
     parsed = T.parse_lines(read_lines(spark, inputs), c, c.sampling.seed)
     if c.source.day_from == "column" and o.days:
         parsed = parsed.filter(F.col("day").isNull() | F.col("day").between(*o.days))

@@ -259,3 +259,38 @@ def row_group_plan(rows: int, rows_per_row_group: int, min_row_groups: int) -> t
     per = min(rows_per_row_group, max(1, math.ceil(rows / min_row_groups)))
     files = math.ceil(rows / per)
     return files, math.ceil(rows / files)
+
+
+def spark_int_hash(value: int, seed: int = 42) -> int:
+    """Spark's ``hash()`` of an int column (Murmur3_x86_32.hashInt), as a signed 32-bit int, in Python.
+
+        spark_int_hash(0) -> 933211791;  spark_int_hash(1) -> -559580957  (Spark's hash(0), hash(1))
+    """
+    def rotl(x: int, r: int) -> int:
+        return ((x << r) | (x >> (32 - r))) & 0xFFFFFFFF
+
+    k1 = (value & 0xFFFFFFFF) * 0xCC9E2D51 & 0xFFFFFFFF
+    k1 = rotl(k1, 15) * 0x1B873593 & 0xFFFFFFFF
+    h1 = rotl((seed & 0xFFFFFFFF) ^ k1, 13)
+    h1 = (h1 * 5 + 0xE6546B64) & 0xFFFFFFFF
+    h1 ^= 4
+    h1 ^= h1 >> 16
+    h1 = h1 * 0x85EBCA6B & 0xFFFFFFFF
+    h1 ^= h1 >> 13
+    h1 = h1 * 0xC2B2AE35 & 0xFFFFFFFF
+    h1 ^= h1 >> 16
+    return h1 - (1 << 32) if h1 >= 1 << 31 else h1
+
+
+def partition_keys(n: int) -> list[int]:
+    """For each partition p < n an int key that Spark's hash partitioning into n partitions
+    (``repartition(n, col)``: pmod(hash(key), n)) sends to p, so that a row can be sent to a chosen file.
+
+        partition_keys(3) -> [0, 1, 11]   (pmod(hash(11), 3) == 2)
+    """
+    found: dict[int, int] = {}
+    k = 0
+    while len(found) < n:
+        found.setdefault(spark_int_hash(k) % n, k)      # Python's % of a positive n is Spark's pmod
+        k += 1
+    return [found[p] for p in range(n)]

@@ -41,6 +41,10 @@ class HadoopFS:
         if not self._fs.rename(self._Path(src), self._Path(dst)):
             raise OSError(f"could not rename {src} -> {dst}")
 
+    def mkdirs(self, path: str) -> None:
+        if not self._fs.mkdirs(self._Path(path)):
+            raise OSError(f"could not create {path}")
+
     def delete(self, path: str) -> None:
         self._fs.delete(self._Path(path), True)
 

@@ -152,9 +152,15 @@ def test_row_group_plan(rows, per, groups, expected):
     assert T.row_group_plan(rows, per, groups) == expected
 
 
+def test_spark_int_hash_is_sparks_hash(spark):
+    values = [0, 1, -1, 7, 2**31 - 1, -2**31, 123456789]
+    df = spark.createDataFrame([(v,) for v in values], "v int")
+    assert [r[0] for r in df.select(F.hash("v")).collect()] == [T.spark_int_hash(v) for v in values]
+    assert T.spark_int_hash(0) == 933211791
+
+
 def test_partition_keys_reach_every_partition(spark):
-    from jobs.featurize import partition_keys
-    keys = partition_keys(spark, 7)
+    keys = T.partition_keys(7)
     df = spark.createDataFrame([(k, p) for p, k in enumerate(keys)], "k int, want int").repartition(7, "k")
     assert sorted(tuple(r) for r in df.select("want", F.spark_partition_id()).collect()) == [(p, p) for p in range(7)]
 
