@@ -50,7 +50,7 @@ def main() -> None:
             generate(contract, raw, list(range(a.days)), rows, seed=7, workers=2)
         total = rows * a.days
         files = [str(raw / f"day_{d}") for d in range(a.days)]
-        copies, feats = [], []
+        copies, feats, steps = [], [], []
         for i in range(a.repeat):
             out = a.work / f"copy_x{scale}"
             shutil.rmtree(out, ignore_errors=True)
@@ -59,14 +59,16 @@ def main() -> None:
             copies.append(time.time() - t)
             out = a.work / f"feat_x{scale}"
             t = time.time()
-            featurize.run(spark, featurize.parse_args(["--input", str(raw), "--output", str(out), "--config", a.config,
+            m = featurize.run(spark, featurize.parse_args(["--input", str(raw), "--output", str(out), "--config", a.config,
                                                        "--overwrite", "--neg-sample-rate", "0.5"]))
             feats.append(time.time() - t)
+            steps.append(m.get("seconds_by_step", {}))
             print(f"  x{scale} run {i + 1}: copy {copies[-1]:.1f} s, featurize {feats[-1]:.1f} s", flush=True)
         copy_s, feat_s = min(copies), min(feats)
         results[scale] = (total, copy_s, feat_s)
         print(f"x{scale}: {total:,} rows | copy {copy_s:.1f} s ({total / copy_s:,.0f} rows/s) | featurize "
               f"{feat_s:.1f} s ({total / feat_s:,.0f} rows/s) | featurize/copy {feat_s / copy_s:.2f}", flush=True)
+        print("   featurize steps (fastest run): " + ", ".join(f"{k} {v:.1f} s" for k, v in steps[feats.index(feat_s)].items()))
     print(f"featurize 2x input / 1x input: {results[2][2] / results[1][2]:.2f} (time)")
     spark.stop()
 

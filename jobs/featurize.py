@@ -215,7 +215,7 @@ def _featurize(spark: SparkSession, o: Options, fs: HadoopFS, inputs: list[tuple
     # Wide rows make big generated methods; the JVM does not compile methods over 8 kB of bytecode and
     # would interpret them (3x slower here). At this limit Spark splits such a stage into small methods.
     spark.conf.set("spark.sql.codegen.hugeMethodLimit", "8000")
-    checked = T.check_records(T.read_records(spark, inputs, c), c, c.sampling.seed)
+    checked = T.check_records(T.read_records(spark, inputs, c), c)
     if c.source.day_from == "column" and o.days:
         checked = checked.filter(F.col("day").isNull() | F.col("day").between(*o.days))
     good = ~F.col("_bad")
@@ -251,7 +251,7 @@ def _featurize(spark: SparkSession, o: Options, fs: HadoopFS, inputs: list[tuple
             want = set(T.quantile_probabilities(f))
             boundaries[f.name] = sorted({float(v) for p, v in zip(probs, q) if p in want})
         log.info("fitted boundaries for %d field(s) on train days %s", len(qfields), split_days["train"])
-    all_ids = T.to_ids(checked, c, boundaries, keep=["_bad"]).withColumn("_split", split_of[F.col("day")])
+    all_ids = T.to_ids(checked, c, boundaries, c.sampling.seed, keep=["_bad"]).withColumn("_split", split_of[F.col("day")])
 
     # 3. Rare values: ids seen fewer than min_count times in the train days -> 1.
     rare_fields = [f for f in c.categorical if f.min_count > 0]
@@ -284,6 +284,9 @@ def _featurize(spark: SparkSession, o: Options, fs: HadoopFS, inputs: list[tuple
         ids = T.map_rare(ids, vocab, rare_fields)
     rates = {s: (c.sampling.neg_sample_rate if s == "train" else 1.0) for s in SPLITS}
     ids = T.sample_negatives(ids, rates["train"], c.sampling.seed, only=F.col("_split") == "train")
+    kept = Observation("featurize: output")
+    ids = ids.observe(kept, *[a for s in SPLITS for a in (F.count_if(F.col("_split") == s).alias(f"{s}_rows"),
+                                                          F.sum(F.when(F.col("_split") == s, F.col("label"))).alias(f"{s}_pos"))])
     plan_files = {}
     for s in SPLITS:
         rows = sum(plan.get(d, (0, 0))[0] for d in split_days[s])
@@ -313,23 +316,24 @@ def _featurize(spark: SparkSession, o: Options, fs: HadoopFS, inputs: list[tuple
     before = {s: {"rows": int(obs[f"{s}_rows"]), "positives": int(obs[f"{s}_pos"] or 0)} for s in SPLITS}
 
     # 5. What was written, from the files themselves; then each split into its place.
-    owners = {s: range(offsets[s], offsets[s] + plan_files[s]) for s in SPLITS}
-    with phase("count the output"):
-        per_part = count_parts(spark, f"{staging}/_all")
-    n_files = place_files(fs, f"{staging}/_all", staging, owners)
+    n_files = place_files(fs, f"{staging}/_all", staging,
+                          {s: range(offsets[s], offsets[s] + plan_files[s]) for s in SPLITS})
+    obs = kept.get
+    after = {s: (int(obs[f"{s}_rows"]), int(obs[f"{s}_pos"] or 0)) for s in SPLITS}
+    with phase("check the output"):
+        on_disk = {s: fs.parquet_rows(f"{staging}/{s}") if n_files[s] else 0 for s in SPLITS}
+    if any(on_disk[s] != after[s][0] or before[s]["positives"] != after[s][1]
+           or (rates[s] >= 1.0 and before[s]["rows"] != after[s][0]) for s in SPLITS):
+        # observed metrics count twice when Spark re-runs a stage after a lost executor: count again
+        log.warning("observed counts %s disagree with the written files' %s (a retried stage?); counting again",
+                    after, on_disk)
+        with phase("recount the input and output"):
+            total, n_bad, before = recount(all_ids)
+            after = {s: count_split(spark, f"{staging}/{s}") if n_files[s] else (0, 0) for s in SPLITS}
     split_stats: dict[str, dict[str, Any]] = {}
     for s in SPLITS:
-        after = tuple(sum(v[i] for p, v in per_part.items() if p in owners[s]) for i in (0, 1))
-        split_stats[s] = {"days": split_days[s], "before_sampling": before[s], "rows": after[0],
-                          "positives": after[1], "files": n_files[s], "neg_sample_rate": rates[s]}
-    if any(before[s]["positives"] != split_stats[s]["positives"] or (rates[s] >= 1.0 and before[s]["rows"] != split_stats[s]["rows"])
-           for s in SPLITS):
-        # observed metrics can count twice when Spark re-runs tasks after a failure: count again
-        log.warning("observed counts disagree with the written files (a retried stage?); counting the input again")
-        with phase("recount the input"):
-            total, n_bad, before = recount(all_ids)
-        for s in SPLITS:
-            split_stats[s]["before_sampling"] = before[s]
+        split_stats[s] = {"days": split_days[s], "before_sampling": before[s], "rows": after[s][0],
+                          "positives": after[s][1], "files": n_files[s], "neg_sample_rate": rates[s]}
 
     # 6. Malformed lines, with their reason: the text is read again only when there are any.
     with phase("quarantine malformed lines"):
@@ -414,12 +418,10 @@ def place_files(fs: HadoopFS, written: str, staging: str, parts: dict[str, range
     return moved
 
 
-def count_parts(spark: SparkSession, path: str) -> dict[int, tuple[int, int]]:
-    """Shuffle partition -> (rows, positives) of the part files Spark wrote under ``path``, in one job."""
-    part = F.regexp_extract(F.input_file_name(), r"/part-(\d+)-[^/]*$", 1).cast("int")
-    rows = (spark.read.parquet(path).groupBy(part.alias("p"))
-            .agg(F.count(F.lit(1)).alias("rows"), F.sum("label").alias("pos")).collect())
-    return {int(r["p"]): (int(r["rows"]), int(r["pos"] or 0)) for r in rows}
+def count_split(spark: SparkSession, path: str) -> tuple[int, int]:
+    """(rows, positives) of the Parquet files under ``path``, read back."""
+    r = spark.read.parquet(path).agg(F.count(F.lit(1)).alias("rows"), F.sum("label").alias("pos")).collect()[0]
+    return int(r["rows"]), int(r["pos"] or 0)
 
 
 def recount(ids: DataFrame) -> tuple[int, int, dict[str, dict[str, int]]]:
@@ -442,7 +444,7 @@ def quarantine(spark: SparkSession, o: Options, inputs: list[tuple[int | None, s
         spark.createDataFrame([], "day int, reason string, line string").write.parquet(path)
         return out
     c = o.contract
-    parsed = T.parse_lines(read_lines(spark, inputs), c, c.sampling.seed)
+    parsed = T.parse_lines(read_lines(spark, inputs), c)
     if c.source.day_from == "column" and o.days:
         parsed = parsed.filter(F.col("day").isNull() | F.col("day").between(*o.days))
     bad = parsed.filter(F.col("_reason").isNotNull()).select("day", F.col("_reason").alias("reason"),

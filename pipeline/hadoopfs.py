@@ -19,9 +19,10 @@ class HadoopFS:
     def __init__(self, spark: SparkSession, any_path: str):
         jvm = spark.sparkContext._jvm
         assert jvm is not None, "the Spark session has no JVM gateway"
+        self._jvm = jvm
         self._Path = jvm.org.apache.hadoop.fs.Path
-        conf = spark.sparkContext._jsc.hadoopConfiguration()
-        self._fs = self._Path(any_path).getFileSystem(conf)
+        self._conf = spark.sparkContext._jsc.hadoopConfiguration()
+        self._fs = self._Path(any_path).getFileSystem(self._conf)
 
     def qualify(self, path: str) -> str:
         return str(self._fs.makeQualified(self._Path(path)).toString())
@@ -54,6 +55,19 @@ class HadoopFS:
             out.write(bytearray(text.encode()))
         finally:
             out.close()
+
+    def parquet_rows(self, folder: str) -> int:
+        """Rows in the Parquet files of ``folder``, from their footers (no data is read)."""
+        n = 0
+        for e in self.list(folder):
+            if e.name.endswith(".parquet"):
+                f = self._jvm.org.apache.parquet.hadoop.util.HadoopInputFile.fromPath(self._Path(e.path), self._conf)
+                reader = self._jvm.org.apache.parquet.hadoop.ParquetFileReader.open(f)
+                try:
+                    n += int(reader.getRecordCount())
+                finally:
+                    reader.close()
+        return n
 
     def read_text(self, path: str) -> str:
         stream = self._fs.open(self._Path(path))

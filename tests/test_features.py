@@ -71,7 +71,7 @@ def test_parse_lines_gives_each_malformed_line_its_reason(spark):
         good.replace("a1", "a\x00b", 1): "binary",
         "\ufffd\ufffdPK\x03\x04": "binary",
     }
-    rows = T.parse_lines(_lines(spark, list(cases) + ["", "   "]), c, seed=1).collect()
+    rows = T.parse_lines(_lines(spark, list(cases) + ["", "   "]), c).collect()
     assert len(rows) == len(cases)                     # blank lines are skipped, nothing else
     got = {r["_line"] if r["_reason"] else None: r["_reason"] for r in rows}
     for line, reason in cases.items():
@@ -99,16 +99,14 @@ def test_fast_and_slow_parse_agree_line_by_line(spark, tmp_path):
              good.replace("a1", '"q', 1), "   ", ""]
     path = tmp_path / "day_0"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    fast = T.check_records(T.read_records(spark, [(0, str(path))], c), c, seed=3).collect()
-    slow = T.parse_lines(spark.read.text(str(path)).withColumn("day", F.lit(0)), c, seed=3).collect()
+    fast = T.check_records(T.read_records(spark, [(0, str(path))], c), c).collect()
+    slow = T.parse_lines(spark.read.text(str(path)).withColumn("day", F.lit(0)), c).collect()
     assert len(fast) == len(slow) == len(lines) - 2        # both skip the blank lines, nothing else
     assert sum(not r["_bad"] for r in fast) == sum(r["_reason"] is None for r in slow) == 4
-    key = lambda r: r["_h"]                                 # noqa: E731
-    good_fast = sorted((r.asDict() for r in fast if not r["_bad"]), key=key)
-    good_slow = sorted((r.asDict() for r in slow if r["_reason"] is None), key=key)
-    for a, b in zip(good_fast, good_slow):
-        assert {k: a[k] for k in ("day", "label", "I1", "I2", "C1", "C26", "_h")} == \
-               {k: b[k] for k in ("day", "label", "I1", "I2", "C1", "C26", "_h")}
+    cols = [f.name for f in c.fields]
+    good_fast = sorted(tuple(r[k] for k in ("day", "label", *cols)) for r in fast if not r["_bad"])
+    good_slow = sorted(tuple(r[k] for k in ("day", "label", *cols)) for r in slow if r["_reason"] is None)
+    assert good_fast == good_slow
     assert sorted(r["I1"] for r in fast if not r["_bad"] and r["I1"] is not None) == [-7.5, 5.0, 5.0]
 
 
@@ -170,3 +168,17 @@ def test_assign_splits():
     assert assign_splits([0, 1, 2], 0, 2) == {"train": [0], "valid": [], "test": [1, 2]}
     with pytest.raises(FeaturizeError, match="leave none to train on"):
         assign_splits([0, 1], 1, 1)
+
+
+def test_output_counts_from_footers_and_the_recount_fallback(spark, tmp_path):
+    from jobs.featurize import count_split, recount
+    from pipeline.hadoopfs import HadoopFS
+    rows = [("train", False, 1), ("train", False, 0), ("train", True, None), ("valid", False, 1),
+            ("valid", False, 1), ("test", False, 0)]
+    df = spark.createDataFrame(rows, "_split string, _bad boolean, label int")
+    assert recount(df) == (6, 1, {"train": {"rows": 2, "positives": 1}, "valid": {"rows": 2, "positives": 2},
+                                  "test": {"rows": 1, "positives": 0}})
+    out = str(tmp_path / "valid")
+    df.filter("_split = 'valid' or _split = 'test'").repartition(2).write.parquet(out)
+    assert count_split(spark, out) == (3, 2)
+    assert HadoopFS(spark, out).parquet_rows(out) == 3
