@@ -315,7 +315,7 @@ def _featurize(spark: SparkSession, o: Options, fs: HadoopFS, inputs: list[tuple
     total, n_bad = int(obs["lines"]), int(obs["bad"])
     before = {s: {"rows": int(obs[f"{s}_rows"]), "positives": int(obs[f"{s}_pos"] or 0)} for s in SPLITS}
 
-    # 5. What was written, from the files themselves; then each split into its place.
+    # 5. Each split's files into place; their rows (Parquet footers) must match the observed counts.
     n_files = place_files(fs, f"{staging}/_all", staging,
                           {s: range(offsets[s], offsets[s] + plan_files[s]) for s in SPLITS})
     obs = kept.get
