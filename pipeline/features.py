@@ -84,7 +84,7 @@ def check_records(records: DataFrame, contract: FeatureContract, keep: Sequence[
     bad = F.col(CORRUPT).isNotNull() | label.isNull() | ~label.isin(0, 1) | _non_finite(contract)
     cont = {f.name for f in contract.continuous}
     # every string column, the ignored ones too, so both paths parse them all; joined once and searched
-    # once per mark (52 searches of short values cost a seventh of the job's parse)
+    # once per mark (52 searches of short values: 16.4 s against 13.9 s for 2M rows, parse to ids)
     text = F.concat_ws("", *[F.col(n) for n in src.columns if n != contract.label and n not in cont])
     for mark in _BINARY_MARKS:
         bad = bad | text.contains(mark)
@@ -134,7 +134,8 @@ def parse_lines(lines: DataFrame, contract: FeatureContract) -> DataFrame:
               .when(~label_raw.isin("0", "1") | label_raw.isNull(), "bad_label")
               .when(F.col(CORRUPT).isNotNull() | F.col("_nf"), "non_numeric")
               .otherwise("bad_day"))
-    return checked.select("day", "label", *[F.col(f.name) for f in contract.fields], reason.alias("_reason"), F.when(F.col("_bad"), F.col("_line")).alias("_line"))
+    return checked.select("day", "label", *[F.col(f.name) for f in contract.fields], reason.alias("_reason"),
+                          F.when(F.col("_bad"), F.col("_line")).alias("_line"))
 
 
 def _regex_quote(ch: str) -> str:
@@ -197,8 +198,8 @@ def to_ids(parsed: DataFrame, contract: FeatureContract, boundaries: Mapping[str
     and the ``keep`` columns. Rare values are mapped afterwards by :func:`map_rare`.
 
     ``_h`` = xxhash64(day, label, ids..., seed) decides negative sampling and the shuffle: the same row
-    gets the same decision in every run and partitioning. It hashes the ids rather than the text (cheaper
-    by a tenth of the job's time), so rows that look the same to the model are sampled alike."""
+    gets the same decision in every run and partitioning. It hashes the ids rather than the 40 text
+    columns (fewer bytes), so rows that look the same to the model are sampled alike."""
     out = [F.col("day"), F.col("label")]
     for f in contract.fields:
         c = F.col(f.name)
@@ -210,7 +211,7 @@ def to_ids(parsed: DataFrame, contract: FeatureContract, boundaries: Mapping[str
             if f.name not in boundaries:
                 raise ValueError(f"{f.name}: quantile bucketing but no fitted boundaries")
             out.append(quantile_bucket(c, f, boundaries[f.name]).alias(f.name))
-    ids = parsed.select(*out, *keep)
+    ids = parsed.select(*out, *keep)     # a projection of its own: the hash reads the ids, not their recipes
     return ids.select(*out[:2], *[F.col(f.name) for f in contract.fields],
                       F.xxhash64("day", "label", *[F.col(f.name) for f in contract.fields], F.lit(seed)).alias("_h"),
                       *keep)
