@@ -207,8 +207,9 @@ def _featurize(spark: SparkSession, o: Options, fs: HadoopFS, inputs: list[tuple
                staging: str, reused: dict | None, t0: float) -> dict:
     """One pass over the input does the work: Spark's CSV reader parses each line once, every id is a
     JVM expression, one shuffle places each split's rows in the files planned for them (train rows in a
-    seeded random order), and one partitioned write lays out train/valid/test. Counts ride along
-    (``observe``); the text is read again only to plan file counts (a line count), to fit quantiles or
+    seeded random order), and one write makes the files, which are then moved into train/valid/test
+    by their partition number. Counts ride along (``observe``) and are checked against the files'
+    footers; the text is read again only to plan file counts (a line count), to fit quantiles or
     a vocabulary when the contract asks for them, and to quarantine malformed lines when there are any."""
     c = o.contract
     phase = Phases(spark)
@@ -276,17 +277,15 @@ def _featurize(spark: SparkSession, o: Options, fs: HadoopFS, inputs: list[tuple
     #    a planned file of its split, write. (Observations are built here, after the fitting passes above,
     #    so that they see this pass only.)
     counted = Observation("featurize: input")
-    split_aggs = [a for s in SPLITS for a in (F.count_if(good & (F.col("_split") == s)).alias(f"{s}_rows"),
-                                               F.sum(F.when(good & (F.col("_split") == s), F.col("label"))).alias(f"{s}_pos"))]
-    ids = all_ids.observe(counted, F.count(F.lit(1)).alias("lines"), F.count_if(F.col("_bad")).alias("bad"), *split_aggs)
+    ids = all_ids.observe(counted, F.count(F.lit(1)).alias("lines"), F.count_if(F.col("_bad")).alias("bad"),
+                          *split_counts(good))
     ids = ids.filter(good).drop("_bad")
     if vocab is not None:
         ids = T.map_rare(ids, vocab, rare_fields)
     rates = {s: (c.sampling.neg_sample_rate if s == "train" else 1.0) for s in SPLITS}
     ids = T.sample_negatives(ids, rates["train"], c.sampling.seed, only=F.col("_split") == "train")
     kept = Observation("featurize: output")
-    ids = ids.observe(kept, *[a for s in SPLITS for a in (F.count_if(F.col("_split") == s).alias(f"{s}_rows"),
-                                                          F.sum(F.when(F.col("_split") == s, F.col("label"))).alias(f"{s}_pos"))])
+    ids = ids.observe(kept, *split_counts(F.lit(True)))
     plan_files = {}
     for s in SPLITS:
         rows = sum(plan.get(d, (0, 0))[0] for d in split_days[s])
@@ -384,6 +383,13 @@ def _featurize(spark: SparkSession, o: Options, fs: HadoopFS, inputs: list[tuple
     fs.write_text(f"{staging}/{MANIFEST}", json.dumps(manifest, indent=1, sort_keys=False))
     fs.write_text(f"{staging}/{SUCCESS}", "")
     return manifest
+
+def split_counts(where: Column) -> list[Column]:
+    """Aggregates ``<split>_rows`` and ``<split>_pos`` (rows and positives of each split) over the rows
+    where ``where`` holds, for an ``observe``."""
+    return [a for s in SPLITS for a in (F.count_if(where & (F.col("_split") == s)).alias(f"{s}_rows"),
+                                        F.sum(F.when(where & (F.col("_split") == s), F.col("label"))).alias(f"{s}_pos"))]
+
 
 def count_lines(spark: SparkSession, inputs: list[tuple[int | None, str]], c: FeatureContract) -> dict[int, tuple[int, int]]:
     """day -> (lines, lines whose label field reads "1"): the text only, no parsing (to size the files)."""
