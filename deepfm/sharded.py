@@ -68,7 +68,7 @@ def build(fields: Sequence[FieldSpec], cfg: TrainConfig, cluster: Cluster) -> Tr
     opt_cls = SPARSE_OPTIMIZERS[cfg.sparse_optimizer]
     sparse_args: dict[str, Any] = {"lr": cfg.sparse_lr}
     if cfg.sparse_optimizer != "sgd":
-        sparse_args["eps"] = 1e-8
+        sparse_args["eps"] = cfg.sparse_eps
     apply_optimizer_in_backward(opt_cls, model.sparse.ebc.parameters(), sparse_args)
     # Tables are model-parallel unless the config says otherwise: a data-parallel table's optimizer state
     # lives in the dense optimizer, so a plan that moves tables in and out of data-parallel between world

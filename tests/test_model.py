@@ -2,6 +2,11 @@
 from __future__ import annotations
 
 import itertools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -98,3 +103,49 @@ def test_l2_penalty_is_the_squared_norm_of_the_rows_the_model_uses(kind):
         logit, l2 = m(b.kjt, with_l2=True)
         assert_close(l2, expected)
         assert_close(logit, m(b.kjt))
+
+
+_ONE_STEP = """
+import json, sys
+import torch
+from deepfm.cluster import init_cluster
+from deepfm.inputs import to_batch
+from deepfm.model import FieldSpec
+from deepfm.sharded import build
+from deepfm.trainconf import TrainConfig
+import numpy as np
+cluster = init_cluster(force_cpu=True)
+t = build([FieldSpec("a", 10, 4), FieldSpec("b", 6, 4)], TrainConfig(model="lr", sparse_lr=0.1, sparse_eps=float(sys.argv[1])), cluster)
+b = to_batch(np.array([[3, 5]]), np.array([1.0]), ["a", "b"])
+sparse = t.dmp.module.sparse
+with torch.no_grad():
+    w_before = sparse(b.kjt)[1]
+logit = t.dmp(b.kjt)
+loss = torch.nn.functional.binary_cross_entropy_with_logits(logit, b.labels)
+t.optimizer.zero_grad()
+loss.backward()
+t.optimizer.step()
+with torch.no_grad():
+    w_after = sparse(b.kjt)[1]
+print(json.dumps({"g": (torch.sigmoid(logit) - 1).item(), "delta": (w_after - w_before).flatten().tolist()}))
+"""
+
+
+@pytest.mark.parametrize("eps", [1e-8, 0.5])
+def test_the_fused_sparse_adagrad_takes_its_eps_from_the_config(eps, tmp_path):
+    """One step of the fused (FBGEMM) Adagrad on a row seen once moves each value by
+    -lr * g / (sqrt(g^2) + eps): eps near 0 makes it a step of lr whatever the gradient, a larger eps
+    scales it with the gradient. Run in a process of its own (a world of one, gloo)."""
+    script = tmp_path / "one_step.py"
+    script.write_text(_ONE_STEP)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    r = subprocess.run([sys.executable, str(script), str(eps)], capture_output=True, text=True, env=env,
+                       cwd=Path(__file__).resolve().parent.parent, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    g = out["g"]                   # dloss/dlogit, the gradient of each first-order value of both rows
+    assert g < 0
+    expected = -0.1 * g / (abs(g) + eps)
+    assert len(out["delta"]) == 2 * FIRST_ORDER_DIM
+    for d in out["delta"]:
+        assert d == pytest.approx(expected, rel=1e-4)
