@@ -27,7 +27,7 @@ class TrainConfig:
     dense_lr: float = 1e-3
     sparse_optimizer: str = "adagrad"
     sparse_lr: float = 0.01
-    sparse_eps: float = 1e-8                # Adagrad's step is lr * g / (sqrt(sum g^2) + eps)
+    sparse_eps: float = 1e-3                # Adagrad's step is lr * g / (sqrt(sum g^2) + eps)
     embedding_init_scale: float = 0.0       # rows start uniform in +-this; 0: TorchRec's +-sqrt(1 / rows)
     weight_decay: float = 0.0               # L2 on the dense parameters (Adam)
     embedding_l2: float = 0.0               # loss += embedding_l2 * mean over rows of sum ||looked-up row||^2
