@@ -301,13 +301,14 @@ def _featurize(spark: SparkSession, o: Options, fs: HadoopFS, inputs: list[tuple
     def per_split(d: dict[str, int]) -> Column:
         return F.create_map(*[x for s, v in d.items() for x in (F.lit(s), F.lit(v))])[F.col("_split")]
     target = per_split(offsets) + F.pmod(k, F.greatest(per_split(plan_files), F.lit(1)))
-    fields = list(c.field_names)
-    placed = ids.select("label", *fields, "day", k.alias("_k"),
+    columns = ["label", *c.field_names, "day"]
+    placed = ids.select(*T.pack_ints(columns), k.alias("_k"),
                         F.element_at(F.array(*[F.lit(x) for x in keys]), (target + 1).cast("int")).alias("_pk"))
     # Shuffle partition p is file p: files [offsets[s], offsets[s] + plan_files[s]) are split s's. One
     # flat write (the partition's number is in its file's name), sorted by one random long per file.
+    # The ints travel two to a long (half the shuffled bytes) and are unpacked for the write.
     with phase("parse, hash, bucket, sample and write train/valid/test"):
-        (placed.repartition(n_parts, "_pk").sortWithinPartitions("_k").drop("_k", "_pk")
+        (placed.repartition(n_parts, "_pk").sortWithinPartitions("_k").select(*T.unpack_ints(columns))
          .write.option("maxRecordsPerFile", c.output.rows_per_row_group)
          .option("compression", "snappy").parquet(f"{staging}/_all"))
     obs = counted.get
@@ -366,7 +367,7 @@ def _featurize(spark: SparkSession, o: Options, fs: HadoopFS, inputs: list[tuple
                     "embedding_dim": f.embedding_dim,
                     **({"bucketing": f.bucketing} if isinstance(f, ContinuousField) else {"min_count": f.min_count})}
                    for f in c.fields],
-        "columns": {"label": "int32", **{f: "int32" for f in fields}, "day": "int32"},
+        "columns": {"label": "int32", **{f: "int32" for f in c.field_names}, "day": "int32"},
         "boundaries": boundaries,
         "vocab": vocab_info or None,
         "sampling": {"neg_sample_rate": c.sampling.neg_sample_rate, "seed": c.sampling.seed,

@@ -182,3 +182,16 @@ def test_output_counts_from_footers_and_the_recount_fallback(spark, tmp_path):
     df.filter("_split = 'valid' or _split = 'test'").repartition(2).write.parquet(out)
     assert count_split(spark, out) == (3, 2)
     assert HadoopFS(spark, out).parquet_rows(out) == 3
+
+
+@pytest.mark.parametrize("names", [["a", "b", "c"], ["a", "b", "c", "d"]])
+def test_pack_ints_halves_the_columns_and_unpacks_exactly(spark, names):
+    big, small = 2**31 - 1, -2**31
+    rows = [(1, -2, 3, 0), (big, small, -1, big), (0, 0, 0, small), (small, big, 7, -5)]
+    df = spark.createDataFrame([r[:len(names)] for r in rows], ", ".join(f"{n} int" for n in names))
+    packed = df.select(*T.pack_ints(names))
+    assert packed.columns == [f"_p{j}" for j in range((len(names) + 1) // 2)]
+    assert packed.first()["_p0"] == (1 << 32) | 0xFFFFFFFE
+    back = packed.select(*T.unpack_ints(names))
+    assert back.dtypes == [(n, "int") for n in names]
+    assert [tuple(r) for r in back.collect()] == [r[:len(names)] for r in rows]
