@@ -297,18 +297,19 @@ def _featurize(spark: SparkSession, o: Options, fs: HadoopFS, inputs: list[tuple
     for s in SPLITS:
         offsets[s], at = at, at + plan_files[s]
     keys = T.partition_keys(n_parts)
-    k = F.xxhash64(F.col("_h"), F.lit(c.sampling.seed + 1))
-    def per_split(d: dict[str, int]) -> Column:
-        return F.create_map(*[x for s, v in d.items() for x in (F.lit(s), F.lit(v))])[F.col("_split")]
-    target = per_split(offsets) + F.pmod(k, F.greatest(per_split(plan_files), F.lit(1)))
+    k = f"xxhash64(`_h`, {c.sampling.seed + 1})"
+
+    def per_split(d: dict[str, int]) -> str:
+        return "CASE `_split` " + " ".join(f"WHEN '{s}' THEN {v}" for s, v in d.items()) + " END"
+    target = f"{per_split(offsets)} + pmod({k}, greatest({per_split(plan_files)}, 1))"
     columns = ["label", *c.field_names, "day"]
-    placed = ids.select(*T.pack_ints(columns), k.alias("_k"),
-                        F.element_at(F.array(*[F.lit(x) for x in keys]), (target + 1).cast("int")).alias("_pk"))
+    placed = ids.selectExpr(*T.pack_ints(columns), f"{k} AS `_k`",
+                            f"element_at(array({', '.join(map(str, keys))}), CAST({target} + 1 AS INT)) AS `_pk`")
     # Shuffle partition p is file p: files [offsets[s], offsets[s] + plan_files[s]) are split s's. One
     # flat write (the partition's number is in its file's name), sorted by one random long per file.
     # The ints travel two to a long (half the shuffled bytes) and are unpacked for the write.
     with phase("parse, hash, bucket, sample and write train/valid/test"):
-        (placed.repartition(n_parts, "_pk").sortWithinPartitions("_k").select(*T.unpack_ints(columns))
+        (placed.repartition(n_parts, "_pk").sortWithinPartitions("_k").selectExpr(*T.unpack_ints(columns))
          .write.option("maxRecordsPerFile", c.output.rows_per_row_group)
          .option("compression", "snappy").parquet(f"{staging}/_all"))
     obs = counted.get

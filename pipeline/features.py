@@ -23,7 +23,27 @@ REASONS = ("binary", "column_count", "bad_label", "non_numeric", "bad_day")
 # Binary garbage shows as NUL bytes or as U+FFFD, what Spark decodes invalid UTF-8 to. (Two substring
 # searches: a regular expression over every line costs more than the rest of the parse.)
 _BINARY_MARKS = ("\x00", "\ufffd")
+_BINARY_MARKS_SQL = ("char(0)", "'\\uFFFD'")      # the same two, as Spark SQL
 CORRUPT = "_corrupt"   # Spark's column for a line that does not fit the schema
+
+# The per-column expressions below are Spark SQL text, turned into one Column each (F.expr) or
+# projected together (selectExpr): every call of the Column API is a round trip to the JVM, and the
+# wide projections of a run made about 14,000 of them (about 2 s of a 1M-row run).
+
+
+def q(name: str) -> str:
+    """A column name as a Spark SQL identifier: C1 -> `C1`."""
+    return "`" + name.replace("`", "``") + "`"
+
+
+def _lit(text: str) -> str:
+    """A Python string as a Spark SQL string literal."""
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _num(x: float) -> str:
+    """A float as an exact Spark SQL double literal (Python's repr round-trips; D makes it a double)."""
+    return f"{float(x)!r}D"
 
 
 def csv_schema(contract: FeatureContract) -> StructType:
@@ -61,7 +81,7 @@ def union_days(inputs: Sequence[tuple[int | None, str]], read: Callable[[str], D
     return df
 
 
-def check_records(records: DataFrame, contract: FeatureContract, keep: Sequence[str | Column] = ()) -> DataFrame:
+def check_records(records: DataFrame, contract: FeatureContract, keep: Sequence[str] = ()) -> DataFrame:
     """Typed records -> ``day``, ``label``, the contract's fields, ``_bad`` (true for a malformed line)
     and ``keep``.
 
@@ -69,36 +89,36 @@ def check_records(records: DataFrame, contract: FeatureContract, keep: Sequence[
     a non-numeric value in a continuous field), its label is not 0 or 1, a continuous value is not
     finite, a string holds binary garbage (NUL, or U+FFFD: what invalid UTF-8 decodes to), or its day
     cannot be read. The same rule runs in the fast path and in :func:`parse_lines`, so both agree on
-    which lines are good.
+    which lines are good. ``keep``: more columns, as Spark SQL (a name, or ``expr AS name``).
     """
     src = contract.source
     if src.header:   # the header does not fit the schema (its label is a name): drop it wherever it is
         header = src.delimiter.join(src.columns)
         records = records.filter(F.col(CORRUPT).isNull() | (F.col(CORRUPT) != header))
     if src.day_from == "column":
-        ts = F.expr(f"try_to_timestamp(`{src.day_column}`, '{src.day_format}')")
-        day = F.datediff(F.to_date(ts), F.lit("1970-01-01").cast("date")).cast("int")
+        if not (src.day_column and src.day_format):
+            raise ValueError(f"contract {contract.name}: day_from column needs source.day_column and day_format")
+        day = (f"CAST(datediff(to_date(try_to_timestamp({q(src.day_column)}, {_lit(src.day_format)})), "
+               "DATE'1970-01-01') AS INT)")
     else:
-        day = F.col("day")
-    label = F.col(contract.label)
-    bad = F.col(CORRUPT).isNotNull() | label.isNull() | ~label.isin(0, 1) | _non_finite(contract)
+        day = "`day`"
+    label = q(contract.label)
     cont = {f.name for f in contract.continuous}
     # every string column, the ignored ones too, so both paths parse them all; joined once and searched
     # once per mark (52 searches of short values: 16.4 s against 13.9 s for 2M rows, parse to ids)
-    text = F.concat_ws("", *[F.col(n) for n in src.columns if n != contract.label and n not in cont])
-    for mark in _BINARY_MARKS:
-        bad = bad | text.contains(mark)
-    bad = bad | day.isNull()
-    return records.select(day.alias("day"), label.alias("label"), *[F.col(f.name) for f in contract.fields],
-                          bad.alias("_bad"), *keep)
+    text = "concat_ws(''" + "".join(f", {q(n)}" for n in src.columns if n != contract.label and n not in cont) + ")"
+    bad = " OR ".join([f"{q(CORRUPT)} IS NOT NULL", f"{label} IS NULL", f"NOT ({label} IN (0, 1))",
+                       non_finite_sql(contract), *[f"contains({text}, {m})" for m in _BINARY_MARKS_SQL],
+                       f"({day}) IS NULL"])
+    return records.selectExpr(f"{day} AS `day`", f"{label} AS `label`", *[q(f.name) for f in contract.fields],
+                              f"{bad} AS `_bad`", *keep)
 
 
-def _non_finite(contract: FeatureContract) -> Column:
-    out = F.lit(False)
-    for f in contract.continuous:
-        v = F.col(f.name)
-        out = out | F.coalesce(F.isnan(v) | (F.abs(v) == float("inf")), F.lit(False))
-    return out
+def non_finite_sql(contract: FeatureContract) -> str:
+    """Spark SQL: true when a continuous field holds NaN or an infinity."""
+    parts = [f"coalesce(isnan({q(f.name)}) OR abs({q(f.name)}) = CAST('Infinity' AS DOUBLE), false)"
+             for f in contract.continuous]
+    return "(" + (" OR ".join(parts) or "false") + ")"
 
 
 def parse_lines(lines: DataFrame, contract: FeatureContract) -> DataFrame:
@@ -122,7 +142,7 @@ def parse_lines(lines: DataFrame, contract: FeatureContract) -> DataFrame:
     parsed = lines.select("day", F.col("value").alias("_line"),
                           F.from_csv(F.col("value"), schema.simpleString(), csv_options(contract)).alias("_p"))
     records = parsed.select("day", "_line", *[F.col("_p")[n].alias(n) for n in schema.names])
-    checked = check_records(records, contract, keep=["_line", CORRUPT, _non_finite(contract).alias("_nf")])
+    checked = check_records(records, contract, keep=["_line", CORRUPT, f"{non_finite_sql(contract)} AS `_nf`"])
     parts = F.split(F.col("_line"), _regex_quote(src.delimiter), -1)
     label_raw = F.try_element_at(parts, F.lit(src.columns.index(contract.label) + 1))
     binary = F.lit(False)
@@ -142,49 +162,63 @@ def _regex_quote(ch: str) -> str:
     return "\\" + ch if ch in r".^$*+?()[]{}|\\" else ch
 
 
-def hash_categorical(col: Column, f: CategoricalField) -> Column:
-    """A categorical value -> its id: null -> 0, else 2 + pmod(xxhash64(name, value), buckets - 2).
+def hash_categorical(name: str, f: CategoricalField) -> Column:
+    """Column ``name`` holding field ``f``'s values -> its id: null -> 0, else
+    2 + pmod(xxhash64(f.name, value), buckets - 2).
 
         C1="68fd1e64", hash_buckets=1000 -> 2 + pmod(xxhash64("C1", "68fd1e64"), 998)
 
     The field name is part of the hash, so equal strings in two fields get unrelated ids.
     """
-    h = F.pmod(F.xxhash64(F.lit(f.name), col), F.lit(f.hash_buckets - RESERVED_IDS).cast("long"))
-    return F.when(col.isNull(), F.lit(MISSING_ID)).otherwise(h + RESERVED_IDS).cast("int")
+    return F.expr(hash_categorical_sql(name, f))
 
 
-def log_square_bucket(col: Column, f: ContinuousField) -> Column:
+def hash_categorical_sql(name: str, f: CategoricalField) -> str:
+    c = q(name)
+    return (f"CAST(CASE WHEN {c} IS NULL THEN {MISSING_ID} ELSE pmod(xxhash64({_lit(f.name)}, {c}), "
+            f"CAST({f.hash_buckets - RESERVED_IDS} AS BIGINT)) + {RESERVED_IDS} END AS INT)")
+
+
+def log_square_bucket(name: str, f: ContinuousField) -> Column:
     """The Criteo winners' rule: v <= 2 -> floor(v), else floor(ln(v)^2); capped at num_buckets - 1.
 
         null -> 0, -3 -> 1, 0 -> 2, 2 -> 4, 5 -> 2 + floor(ln(5)^2) = 4, 1e9 -> 2 + 63 (cap, 64 buckets)
     """
-    b = F.when(col <= 2, F.floor(col)).otherwise(F.floor(F.pow(F.log(col), 2)))
-    b = F.least(b, F.lit(f.num_buckets - 1))
-    return _reserve(col, b + RESERVED_IDS)
+    return F.expr(log_square_bucket_sql(name, f))
 
 
-def quantile_bucket(col: Column, f: ContinuousField, boundaries: Sequence[float]) -> Column:
+def log_square_bucket_sql(name: str, f: ContinuousField) -> str:
+    c = q(name)
+    b = f"least(CASE WHEN {c} <= 2 THEN floor({c}) ELSE floor(pow(ln({c}), 2)) END, {f.num_buckets - 1})"
+    return _reserve(c, f"{b} + {RESERVED_IDS}")
+
+
+def quantile_bucket(name: str, f: ContinuousField, boundaries: Sequence[float]) -> Column:
     """Bucket by fitted boundaries b_1 < ... < b_k: the bucket is #{i: b_i <= v} (a binary search in
     nested CASE WHENs, so the plan stays in the JVM).
 
         boundaries [1, 10], v = 0 -> 2, v = 1 -> 3, v = 50 -> 4; null -> 0; -1 -> 1
     """
+    return F.expr(quantile_bucket_sql(name, f, boundaries))
+
+
+def quantile_bucket_sql(name: str, f: ContinuousField, boundaries: Sequence[float]) -> str:
     bs = sorted(set(float(b) for b in boundaries))
     if len(bs) > f.num_buckets - 1:
         raise ValueError(f"{f.name}: {len(bs)} boundaries for {f.num_buckets} buckets")
+    c = q(name)
 
-    def search(lo: int, hi: int) -> Column:   # count of boundaries <= v, knowing it is in [lo, hi]
+    def search(lo: int, hi: int) -> str:     # count of boundaries <= v, knowing it is in [lo, hi]
         if lo == hi:
-            return F.lit(lo)
+            return str(lo)
         mid = (lo + hi + 1) // 2               # is b_mid (1-based) <= v ?
-        return F.when(col >= F.lit(bs[mid - 1]), search(mid, hi)).otherwise(search(lo, mid - 1))
+        return f"CASE WHEN {c} >= {_num(bs[mid - 1])} THEN {search(mid, hi)} ELSE {search(lo, mid - 1)} END"
 
-    return _reserve(col, search(0, len(bs)) + RESERVED_IDS)
+    return _reserve(c, f"{search(0, len(bs))} + {RESERVED_IDS}")
 
 
-def _reserve(col: Column, bucket: Column) -> Column:
-    return (F.when(col.isNull(), F.lit(MISSING_ID)).when(col < 0, F.lit(NEGATIVE_ID))
-            .otherwise(bucket).cast("int"))
+def _reserve(c: str, bucket: str) -> str:
+    return f"CAST(CASE WHEN {c} IS NULL THEN {MISSING_ID} WHEN {c} < 0 THEN {NEGATIVE_ID} ELSE {bucket} END AS INT)"
 
 
 def quantile_probabilities(f: ContinuousField) -> list[float]:
@@ -200,21 +234,21 @@ def to_ids(parsed: DataFrame, contract: FeatureContract, boundaries: Mapping[str
     ``_h`` = xxhash64(day, label, ids..., seed) decides negative sampling and the shuffle: the same row
     gets the same decision in every run and partitioning. It hashes the ids rather than the 40 text
     columns (fewer bytes), so rows that look the same to the model are sampled alike."""
-    out = [F.col("day"), F.col("label")]
+    out = []
     for f in contract.fields:
-        c = F.col(f.name)
         if isinstance(f, CategoricalField):
-            out.append(hash_categorical(c, f).alias(f.name))
+            out.append(hash_categorical_sql(f.name, f))
         elif f.bucketing == "log_square":
-            out.append(log_square_bucket(c, f).alias(f.name))
+            out.append(log_square_bucket_sql(f.name, f))
         else:
             if f.name not in boundaries:
                 raise ValueError(f"{f.name}: quantile bucketing but no fitted boundaries")
-            out.append(quantile_bucket(c, f, boundaries[f.name]).alias(f.name))
-    ids = parsed.select(*out, *keep)     # a projection of its own: the hash reads the ids, not their recipes
-    return ids.select(*out[:2], *[F.col(f.name) for f in contract.fields],
-                      F.xxhash64("day", "label", *[F.col(f.name) for f in contract.fields], F.lit(seed)).alias("_h"),
-                      *keep)
+            out.append(quantile_bucket_sql(f.name, f, boundaries[f.name]))
+    names = ["`day`", "`label`", *[q(f.name) for f in contract.fields]]
+    kept = [q(k) for k in keep]
+    # a projection of its own: the hash reads the ids, not their recipes
+    ids = parsed.selectExpr(*names[:2], *[f"{e} AS {n}" for e, n in zip(out, names[2:])], *kept)
+    return ids.selectExpr(*names, f"xxhash64({', '.join(names)}, {int(seed)}) AS `_h`", *kept)
 
 
 def count_ids(ids: DataFrame, fields: Sequence[CategoricalField]) -> DataFrame:
@@ -302,32 +336,32 @@ def partition_keys(n: int) -> list[int]:
     return [found[p] for p in range(n)]
 
 
-def pack_ints(names: Sequence[str]) -> list[Column]:
-    """Non-null int columns -> longs holding two each (``_p0`` = names[0] << 32 | names[1], ...; an odd
-    last one alone), for a shuffle: Spark's rows spend 8 bytes on every field, so 41 int columns
-    shuffle and sort as 21 longs, half the bytes. :func:`unpack_ints` undoes it.
+def pack_ints(names: Sequence[str]) -> list[str]:
+    """Non-null int columns -> Spark SQL for longs holding two each (``_p0`` = names[0] << 32 | names[1],
+    ...; an odd last one alone), for a shuffle: Spark's rows spend 8 bytes on every field, so 41 int
+    columns shuffle and sort as 21 longs, half the bytes. :func:`unpack_ints` undoes it.
 
         a=1, b=-2 -> _p0 = 0x00000001_FFFFFFFE
     """
     out = []
     for j in range(0, len(names), 2):
-        hi = F.col(names[j]).cast("long")
+        hi = f"CAST({q(names[j])} AS BIGINT)"
         if j + 1 < len(names):
-            hi = F.shiftleft(hi, 32).bitwiseOR(F.col(names[j + 1]).cast("long").bitwiseAND(F.lit(0xFFFFFFFF)))
-        out.append(hi.alias(f"_p{j // 2}"))
+            hi = f"shiftleft({hi}, 32) | (CAST({q(names[j + 1])} AS BIGINT) & 4294967295)"
+        out.append(f"{hi} AS `_p{j // 2}`")
     return out
 
 
-def unpack_ints(names: Sequence[str]) -> list[Column]:
-    """The columns of :func:`pack_ints` -> the int columns ``names`` again (signs kept)."""
+def unpack_ints(names: Sequence[str]) -> list[str]:
+    """Spark SQL turning the columns of :func:`pack_ints` into the int columns ``names`` again (signs kept)."""
     out = []
     for j, name in enumerate(names):
-        p = F.col(f"_p{j // 2}")
+        p = f"`_p{j // 2}`"
         if j % 2 == 0 and j + 1 < len(names):
-            v = F.shiftright(p, 32)
+            v = f"shiftright({p}, 32)"
         elif j % 2 == 0:
             v = p
         else:    # the low 32 bits, sign-extended in long arithmetic before the (then exact) cast
-            v = p.bitwiseAND(F.lit(0xFFFFFFFF)).bitwiseXOR(F.lit(0x80000000)) - F.lit(0x80000000)
-        out.append(v.cast("int").alias(name))
+            v = f"(({p} & 4294967295) ^ 2147483648) - 2147483648"
+        out.append(f"CAST({v} AS INT) AS {q(name)}")
     return out

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 from pyspark.sql import functions as F
@@ -19,13 +20,13 @@ def test_hash_categorical_matches_the_documented_formula(spark):
     f = CategoricalField("C1", hash_buckets=1000, embedding_dim=16)
     values = ["68fd1e64", "abc", None, "", "05db9164"]
     df = spark.createDataFrame([(v,) for v in values], StructType([StructField("C1", StringType())]))
-    got = [r[0] for r in df.select(T.hash_categorical(F.when(F.col("C1") == "", None).otherwise(F.col("C1")), f)).collect()]
+    got = [r[0] for r in df.select(F.when(F.col("C1") == "", None).otherwise(F.col("C1")).alias("v")).select(T.hash_categorical("v", f)).collect()]
     assert got[0] == 220                               # 2 + pmod(xxhash64("C1", "68fd1e64"), 998), by hand
     assert got == [categorical_id("C1", v, 1000) for v in values]
     assert got[2] == got[3] == 0                       # missing has its own id
     assert all(2 <= g < 1000 for g in got[:2] + got[4:])
     # the field name salts the hash: the same string in another field gets another id
-    g2 = df.select(T.hash_categorical(F.col("C1"), CategoricalField("C2", 1000, 16))).first()[0]
+    g2 = df.select(T.hash_categorical("C1", CategoricalField("C2", 1000, 16))).first()[0]
     assert g2 == categorical_id("C2", "68fd1e64", 1000) != 220
 
 
@@ -33,7 +34,7 @@ def test_log_square_buckets(spark):
     f = ContinuousField("I1", bucketing="log_square", num_buckets=64, embedding_dim=16)
     values = [None, -3.0, 0.0, 1.0, 2.0, 2.5, 5.0, 100.0, 1e9]
     df = spark.createDataFrame([(v,) for v in values], StructType([StructField("I1", DoubleType())]))
-    got = [r[0] for r in df.select(T.log_square_bucket(F.col("I1"), f)).collect()]
+    got = [r[0] for r in df.select(T.log_square_bucket("I1", f)).collect()]
     # missing 0, negative 1, then 2 + (v for v <= 2, floor(ln(v)^2) above), capped at 63
     assert got == [0, 1, 2, 3, 4, 2, 4, 2 + math.floor(math.log(100) ** 2), 2 + 63]
     assert got == [log_square_id(v, 64) for v in values]
@@ -44,11 +45,17 @@ def test_quantile_buckets(spark):
     bounds = [1.0, 10.0, 10.0, 100.0]                 # duplicates collapse
     values = [None, -1.0, 0.0, 1.0, 9.99, 10.0, 50.0, 100.0, 1e6]
     df = spark.createDataFrame([(v,) for v in values], StructType([StructField("I1", DoubleType())]))
-    got = [r[0] for r in df.select(T.quantile_bucket(F.col("I1"), f, bounds)).collect()]
+    got = [r[0] for r in df.select(T.quantile_bucket("I1", f, bounds)).collect()]
     assert got == [0, 1, 2, 3, 3, 4, 4, 5, 5]
     assert got == [quantile_id(v, bounds) for v in values]
     with pytest.raises(ValueError, match="boundaries"):
-        T.quantile_bucket(F.col("I1"), ContinuousField("I1", "quantile", 2, 16), [1.0, 2.0])
+        T.quantile_bucket("I1", ContinuousField("I1", "quantile", 2, 16), [1.0, 2.0])
+    # boundaries with no short decimal form are compared exactly: v == b_i is in bucket i
+    awkward = [1e-05, 0.1, 0.30000000000000004, 123456.789]
+    values = [1e-05, 9.999999999999999e-06, 0.1, 0.3, 0.30000000000000004, 123456.789, 123456.78899999999]
+    df = spark.createDataFrame([(v,) for v in values], StructType([StructField("I1", DoubleType())]))
+    got = [r[0] for r in df.select(T.quantile_bucket("I1", f, awkward)).collect()]
+    assert got == [quantile_id(v, awkward) for v in values] == [3, 2, 4, 4, 5, 6, 5]
 
 
 def _lines(spark, lines, day=0):
@@ -83,6 +90,22 @@ def test_parse_lines_gives_each_malformed_line_its_reason(spark):
     assert full["I1"] == 5.0 and full["C26"] == "a1" and full["_line"] is None
     empty = next(r for r in ok if r["label"] == 0)
     assert empty["I1"] is None and empty["C1"] is None
+
+
+def test_a_day_read_from_a_column(spark):
+    """The Avazu layout: the day is days since 1970-01-01 of the 'hour' column (yyMMddHH); a header
+    line is dropped; an unreadable hour is a bad_day reject."""
+    c = load_contract(Path(SMALL).parent / "avazu.yaml")
+    header = ",".join(c.source.columns)
+    row = ["1000", "1", "14102100"] + ["x"] * (len(c.source.columns) - 3)
+    late = row[:2] + ["14102223"] + row[3:]
+    bad = row[:2] + ["not-an-hour"] + row[3:]
+    lines = spark.createDataFrame([(x,) for x in [header, ",".join(row), ",".join(late), ",".join(bad)]],
+                                  "value string").withColumn("day", F.lit(None).cast("int"))
+    rows = T.parse_lines(lines, c).collect()
+    assert len(rows) == 3
+    assert sorted((r["day"], r["label"], r["_reason"]) for r in rows if r["_reason"] is None) == [(16364, 1, None), (16365, 1, None)]
+    assert [r["_reason"] for r in rows if r["_reason"]] == ["bad_day"]
 
 
 def test_fast_and_slow_parse_agree_line_by_line(spark, tmp_path):
@@ -189,9 +212,9 @@ def test_pack_ints_halves_the_columns_and_unpacks_exactly(spark, names):
     big, small = 2**31 - 1, -2**31
     rows = [(1, -2, 3, 0), (big, small, -1, big), (0, 0, 0, small), (small, big, 7, -5)]
     df = spark.createDataFrame([r[:len(names)] for r in rows], ", ".join(f"{n} int" for n in names))
-    packed = df.select(*T.pack_ints(names))
+    packed = df.selectExpr(*T.pack_ints(names))
     assert packed.columns == [f"_p{j}" for j in range((len(names) + 1) // 2)]
     assert packed.first()["_p0"] == (1 << 32) | 0xFFFFFFFE
-    back = packed.select(*T.unpack_ints(names))
+    back = packed.selectExpr(*T.unpack_ints(names))
     assert back.dtypes == [(n, "int") for n in names]
     assert [tuple(r) for r in back.collect()] == [r[:len(names)] for r in rows]
