@@ -22,12 +22,11 @@ from pipeline.contract import (MISSING_ID, NEGATIVE_ID, RARE_ID, RESERVED_IDS, C
 REASONS = ("binary", "column_count", "bad_label", "non_numeric", "bad_day")
 # Binary garbage shows as NUL bytes or as U+FFFD, what Spark decodes invalid UTF-8 to. (Two substring
 # searches: a regular expression over every line costs more than the rest of the parse.)
-_BINARY_MARKS = ("\x00", "\ufffd")
-_BINARY_MARKS_SQL = ("char(0)", "'\\uFFFD'")      # the same two, as Spark SQL
+_BINARY_MARKS = ("char(0)", "'\\uFFFD'")      # as Spark SQL
 CORRUPT = "_corrupt"   # Spark's column for a line that does not fit the schema
 
-# The per-column expressions below are Spark SQL text, turned into one Column each (F.expr) or
-# projected together (selectExpr): every call of the Column API is a round trip to the JVM, and the
+# The per-column expressions below are Spark SQL text, projected together (selectExpr) or made
+# a Column with F.expr: every call of the Column API is a round trip to the JVM, and the
 # wide projections of a run made about 14,000 of them (about 2 s of a 1M-row run).
 
 
@@ -96,8 +95,7 @@ def check_records(records: DataFrame, contract: FeatureContract, keep: Sequence[
         header = src.delimiter.join(src.columns)
         records = records.filter(F.col(CORRUPT).isNull() | (F.col(CORRUPT) != header))
     if src.day_from == "column":
-        if not (src.day_column and src.day_format):
-            raise ValueError(f"contract {contract.name}: day_from column needs source.day_column and day_format")
+        assert src.day_column and src.day_format      # load_contract requires both with day_from: column
         day = (f"CAST(datediff(to_date(try_to_timestamp({q(src.day_column)}, {_lit(src.day_format)})), "
                "DATE'1970-01-01') AS INT)")
     else:
@@ -108,7 +106,7 @@ def check_records(records: DataFrame, contract: FeatureContract, keep: Sequence[
     # once per mark (52 searches of short values: 16.4 s against 13.9 s for 2M rows, parse to ids)
     text = "concat_ws(''" + "".join(f", {q(n)}" for n in src.columns if n != contract.label and n not in cont) + ")"
     bad = " OR ".join([f"{q(CORRUPT)} IS NOT NULL", f"{label} IS NULL", f"NOT ({label} IN (0, 1))",
-                       non_finite_sql(contract), *[f"contains({text}, {m})" for m in _BINARY_MARKS_SQL],
+                       non_finite_sql(contract), *[f"contains({text}, {m})" for m in _BINARY_MARKS],
                        f"({day}) IS NULL"])
     return records.selectExpr(f"{day} AS `day`", f"{label} AS `label`", *[q(f.name) for f in contract.fields],
                               f"{bad} AS `_bad`", *keep)
@@ -145,9 +143,7 @@ def parse_lines(lines: DataFrame, contract: FeatureContract) -> DataFrame:
     checked = check_records(records, contract, keep=["_line", CORRUPT, f"{non_finite_sql(contract)} AS `_nf`"])
     parts = F.split(F.col("_line"), _regex_quote(src.delimiter), -1)
     label_raw = F.try_element_at(parts, F.lit(src.columns.index(contract.label) + 1))
-    binary = F.lit(False)
-    for mark in _BINARY_MARKS:
-        binary = binary | F.col("_line").contains(mark)
+    binary = F.expr(" OR ".join(f"contains(`_line`, {m})" for m in _BINARY_MARKS))
     reason = (F.when(~F.col("_bad"), F.lit(None).cast("string"))
               .when(binary, "binary")
               .when(F.size(parts) != len(src.columns), "column_count")
@@ -162,47 +158,35 @@ def _regex_quote(ch: str) -> str:
     return "\\" + ch if ch in r".^$*+?()[]{}|\\" else ch
 
 
-def hash_categorical(name: str, f: CategoricalField) -> Column:
-    """Column ``name`` holding field ``f``'s values -> its id: null -> 0, else
+def hash_categorical(name: str, f: CategoricalField) -> str:
+    """Spark SQL: column ``name`` holding field ``f``'s values -> its id: null -> 0, else
     2 + pmod(xxhash64(f.name, value), buckets - 2).
 
         C1="68fd1e64", hash_buckets=1000 -> 2 + pmod(xxhash64("C1", "68fd1e64"), 998)
 
     The field name is part of the hash, so equal strings in two fields get unrelated ids.
     """
-    return F.expr(hash_categorical_sql(name, f))
-
-
-def hash_categorical_sql(name: str, f: CategoricalField) -> str:
     c = q(name)
     return (f"CAST(CASE WHEN {c} IS NULL THEN {MISSING_ID} ELSE pmod(xxhash64({_lit(f.name)}, {c}), "
             f"CAST({f.hash_buckets - RESERVED_IDS} AS BIGINT)) + {RESERVED_IDS} END AS INT)")
 
 
-def log_square_bucket(name: str, f: ContinuousField) -> Column:
-    """The Criteo winners' rule: v <= 2 -> floor(v), else floor(ln(v)^2); capped at num_buckets - 1.
+def log_square_bucket(name: str, f: ContinuousField) -> str:
+    """Spark SQL for the Criteo winners' rule: v <= 2 -> floor(v), else floor(ln(v)^2); capped at num_buckets - 1.
 
         null -> 0, -3 -> 1, 0 -> 2, 2 -> 4, 5 -> 2 + floor(ln(5)^2) = 4, 1e9 -> 2 + 63 (cap, 64 buckets)
     """
-    return F.expr(log_square_bucket_sql(name, f))
-
-
-def log_square_bucket_sql(name: str, f: ContinuousField) -> str:
     c = q(name)
     b = f"least(CASE WHEN {c} <= 2 THEN floor({c}) ELSE floor(pow(ln({c}), 2)) END, {f.num_buckets - 1})"
     return _reserve(c, f"{b} + {RESERVED_IDS}")
 
 
-def quantile_bucket(name: str, f: ContinuousField, boundaries: Sequence[float]) -> Column:
-    """Bucket by fitted boundaries b_1 < ... < b_k: the bucket is #{i: b_i <= v} (a binary search in
+def quantile_bucket(name: str, f: ContinuousField, boundaries: Sequence[float]) -> str:
+    """Spark SQL: bucket by fitted boundaries b_1 < ... < b_k: the bucket is #{i: b_i <= v} (a binary search in
     nested CASE WHENs, so the plan stays in the JVM).
 
         boundaries [1, 10], v = 0 -> 2, v = 1 -> 3, v = 50 -> 4; null -> 0; -1 -> 1
     """
-    return F.expr(quantile_bucket_sql(name, f, boundaries))
-
-
-def quantile_bucket_sql(name: str, f: ContinuousField, boundaries: Sequence[float]) -> str:
     bs = sorted(set(float(b) for b in boundaries))
     if len(bs) > f.num_buckets - 1:
         raise ValueError(f"{f.name}: {len(bs)} boundaries for {f.num_buckets} buckets")
@@ -237,13 +221,13 @@ def to_ids(parsed: DataFrame, contract: FeatureContract, boundaries: Mapping[str
     out = []
     for f in contract.fields:
         if isinstance(f, CategoricalField):
-            out.append(hash_categorical_sql(f.name, f))
+            out.append(hash_categorical(f.name, f))
         elif f.bucketing == "log_square":
-            out.append(log_square_bucket_sql(f.name, f))
+            out.append(log_square_bucket(f.name, f))
         else:
             if f.name not in boundaries:
                 raise ValueError(f"{f.name}: quantile bucketing but no fitted boundaries")
-            out.append(quantile_bucket_sql(f.name, f, boundaries[f.name]))
+            out.append(quantile_bucket(f.name, f, boundaries[f.name]))
     names = ["`day`", "`label`", *[q(f.name) for f in contract.fields]]
     kept = [q(k) for k in keep]
     # a projection of its own: the hash reads the ids, not their recipes

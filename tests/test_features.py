@@ -20,13 +20,13 @@ def test_hash_categorical_matches_the_documented_formula(spark):
     f = CategoricalField("C1", hash_buckets=1000, embedding_dim=16)
     values = ["68fd1e64", "abc", None, "", "05db9164"]
     df = spark.createDataFrame([(v,) for v in values], StructType([StructField("C1", StringType())]))
-    got = [r[0] for r in df.select(F.when(F.col("C1") == "", None).otherwise(F.col("C1")).alias("v")).select(T.hash_categorical("v", f)).collect()]
+    got = [r[0] for r in df.select(F.when(F.col("C1") == "", None).otherwise(F.col("C1")).alias("v")).select(F.expr(T.hash_categorical("v", f))).collect()]
     assert got[0] == 220                               # 2 + pmod(xxhash64("C1", "68fd1e64"), 998), by hand
     assert got == [categorical_id("C1", v, 1000) for v in values]
     assert got[2] == got[3] == 0                       # missing has its own id
     assert all(2 <= g < 1000 for g in got[:2] + got[4:])
     # the field name salts the hash: the same string in another field gets another id
-    g2 = df.select(T.hash_categorical("C1", CategoricalField("C2", 1000, 16))).first()[0]
+    g2 = df.select(F.expr(T.hash_categorical("C1", CategoricalField("C2", 1000, 16)))).first()[0]
     assert g2 == categorical_id("C2", "68fd1e64", 1000) != 220
 
 
@@ -34,7 +34,7 @@ def test_log_square_buckets(spark):
     f = ContinuousField("I1", bucketing="log_square", num_buckets=64, embedding_dim=16)
     values = [None, -3.0, 0.0, 1.0, 2.0, 2.5, 5.0, 100.0, 1e9]
     df = spark.createDataFrame([(v,) for v in values], StructType([StructField("I1", DoubleType())]))
-    got = [r[0] for r in df.select(T.log_square_bucket("I1", f)).collect()]
+    got = [r[0] for r in df.select(F.expr(T.log_square_bucket("I1", f))).collect()]
     # missing 0, negative 1, then 2 + (v for v <= 2, floor(ln(v)^2) above), capped at 63
     assert got == [0, 1, 2, 3, 4, 2, 4, 2 + math.floor(math.log(100) ** 2), 2 + 63]
     assert got == [log_square_id(v, 64) for v in values]
@@ -45,7 +45,7 @@ def test_quantile_buckets(spark):
     bounds = [1.0, 10.0, 10.0, 100.0]                 # duplicates collapse
     values = [None, -1.0, 0.0, 1.0, 9.99, 10.0, 50.0, 100.0, 1e6]
     df = spark.createDataFrame([(v,) for v in values], StructType([StructField("I1", DoubleType())]))
-    got = [r[0] for r in df.select(T.quantile_bucket("I1", f, bounds)).collect()]
+    got = [r[0] for r in df.select(F.expr(T.quantile_bucket("I1", f, bounds))).collect()]
     assert got == [0, 1, 2, 3, 3, 4, 4, 5, 5]
     assert got == [quantile_id(v, bounds) for v in values]
     with pytest.raises(ValueError, match="boundaries"):
@@ -54,7 +54,7 @@ def test_quantile_buckets(spark):
     awkward = [1e-05, 0.1, 0.30000000000000004, 123456.789]
     values = [1e-05, 9.999999999999999e-06, 0.1, 0.3, 0.30000000000000004, 123456.789, 123456.78899999999]
     df = spark.createDataFrame([(v,) for v in values], StructType([StructField("I1", DoubleType())]))
-    got = [r[0] for r in df.select(T.quantile_bucket("I1", f, awkward)).collect()]
+    got = [r[0] for r in df.select(F.expr(T.quantile_bucket("I1", f, awkward))).collect()]
     assert got == [quantile_id(v, awkward) for v in values] == [3, 2, 4, 4, 5, 6, 5]
 
 
