@@ -48,6 +48,7 @@ def main() -> None:
     p.add_argument("--data", required=True)
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=2048)
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast of the forward pass, as deepfm/train.py --bf16")
     a = p.parse_args()
     c = init_cluster(force_cpu=True)
     ds = inputs.open_dataset(a.data)
@@ -60,7 +61,9 @@ def main() -> None:
     for _ in range(a.steps):
         b = next(stream)
         ids = b.kjt.values().view(len(ds.field_names), -1).t()
-        loss = loss_fn(model(ids), b.labels)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=a.bf16):
+            logit = model(ids)
+        loss = loss_fn(logit.float(), b.labels)
         opt.zero_grad()
         loss.backward()
         opt.step()

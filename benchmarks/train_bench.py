@@ -2,6 +2,9 @@
 
     python benchmarks/train_bench.py --data FEATURIZED_DIR [--steps 150] [--batch-size 2048] [--bf16]
 
+--bf16 runs both the TorchRec trainer and the plain baseline under bf16 autocast (worth it only on CPUs
+with AVX-512 BF16 or AMX, and on GPUs: see /proc/cpuinfo); the machine's bf16 flags are printed.
+
 FEATURIZED_DIR should be made with conf/criteo.yaml (26 categorical fields of 1M buckets: the paper's
 model size), e.g. by benchmarks/featurize_bench.py (its feat_x1 output). Each run is a real torchrun;
 examples/s is measured over the whole loop (petastorm reading, KJT building, forward, backward,
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -32,9 +36,9 @@ def torchrec_run(data: str, nproc: int, steps: int, batch: int, bf16: bool, work
     return json.loads((run / "metrics.json").read_text())["train"]["examples_per_s"]
 
 
-def plain_run(data: str, nproc: int, steps: int, batch: int) -> float:
+def plain_run(data: str, nproc: int, steps: int, batch: int, bf16: bool) -> float:
     cmd = [str(BIN / "torchrun"), "--standalone", f"--nproc_per_node={nproc}", str(ROOT / "benchmarks" / "plain_deepfm.py"),
-           "--data", data, "--steps", str(steps), "--batch-size", str(batch)]
+           "--data", data, "--steps", str(steps), "--batch-size", str(batch)] + (["--bf16"] if bf16 else [])
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode:
         sys.exit(r.stderr[-3000:])
@@ -52,13 +56,16 @@ def main() -> None:
     a = p.parse_args()
     m = json.loads((Path(a.data) / "manifest.json").read_text())
     sizes = [f["num_embeddings"] for f in m["fields"]]
+    flags = sorted(set(re.findall(r"\b(avx512_bf16|amx_bf16)\b", Path("/proc/cpuinfo").read_text()))) \
+        if Path("/proc/cpuinfo").exists() else []
+    print(f"cpu bf16 support: {', '.join(flags) or 'none (bf16 is emulated and slow)'}")
     print(f"data: {a.data}, {len(sizes)} tables, largest {max(sizes):,} rows, dim {m['fields'][0]['embedding_dim']}, "
           f"batch {a.batch_size}/rank, bf16 {a.bf16}")
     r1 = torchrec_run(a.data, 1, a.steps, a.batch_size, a.bf16, a.work)
     print(f"torchrec deepfm, 1 rank : {r1:,.0f} examples/s", flush=True)
     r2 = torchrec_run(a.data, 2, a.steps, a.batch_size, a.bf16, a.work)
     print(f"torchrec deepfm, 2 ranks: {r2:,.0f} examples/s", flush=True)
-    b2 = plain_run(a.data, 2, a.plain_steps, a.batch_size)
+    b2 = plain_run(a.data, 2, a.plain_steps, a.batch_size, a.bf16)
     print(f"plain pytorch (EmbeddingBag + DDP + dense Adam), 2 ranks: {b2:,.0f} examples/s", flush=True)
     print(f"ratio torchrec/plain at 2 ranks: {r2 / b2:.2f}x; 2 ranks / 1 rank: {r2 / r1:.2f}x")
 

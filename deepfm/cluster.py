@@ -56,6 +56,34 @@ def init_cluster(force_cpu: bool = False) -> Cluster:
     return Cluster(rank, world, local, device, backend)
 
 
+def native_bf16(device: torch.device) -> tuple[bool, str]:
+    """(whether bf16 matrix products run natively on ``device``, why): a GPU that reports bf16 support, or a
+    CPU with AVX-512 BF16 or AMX in /proc/cpuinfo. Elsewhere bf16 is emulated, slower than fp32."""
+    if device.type == "cuda":
+        ok = torch.cuda.is_bf16_supported()
+        return ok, f"{torch.cuda.get_device_name(device)} {'supports' if ok else 'does not support'} bf16"
+    try:
+        flags = set(open("/proc/cpuinfo").read().split())
+    except OSError:
+        return False, "no /proc/cpuinfo to read the CPU's flags from"
+    have = sorted(flags & {"avx512_bf16", "amx_bf16"})
+    return bool(have), f"the CPU has {', '.join(have)}" if have else "the CPU has neither avx512_bf16 nor amx_bf16"
+
+
+def resolve_bf16(setting: bool | str, device: torch.device) -> tuple[bool, str]:
+    """The training config's ``bf16`` (true, false or "auto") -> (use bf16 autocast, why). Under "auto"
+    every rank must agree, so the answer is on only when every rank's device runs bf16 natively."""
+    if setting != "auto":
+        return bool(setting), f"bf16: {str(setting).lower()} in the config"
+    ok, why = native_bf16(device)
+    if dist.is_initialized():
+        flag = torch.tensor([int(ok)], device=device if device.type == "cuda" else "cpu")
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        if ok and not flag.item():
+            ok, why = False, f"{why}, but another rank's device does not"
+    return ok, f"bf16: auto, {why}"
+
+
 def shutdown() -> None:
     if dist.is_initialized():
         dist.barrier()

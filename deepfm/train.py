@@ -24,7 +24,7 @@ import logging
 import math
 import time
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from deepfm import inputs, sharded
-from deepfm.cluster import Cluster, init_cluster, shutdown
+from deepfm.cluster import Cluster, init_cluster, resolve_bf16, shutdown
 from deepfm.model import predict_proba
 from deepfm.trainconf import DEFAULT_TRAIN_CONFIG, TrainConfig, TrainConfigError, load_train_config
 from pipeline import metrics as M
@@ -53,7 +53,9 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, TrainCon
     p.add_argument("--sparse-lr", type=float)
     p.add_argument("--dropout", type=float)
     p.add_argument("--hidden", type=lambda s: tuple(int(x) for x in s.split(",")), help="e.g. 400,400,400")
-    p.add_argument("--bf16", action="store_true", default=None, help="bf16 autocast for the dense part")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast for the dense part; default (config bf16: auto): on where the CPU has "
+                        "AVX-512 BF16/AMX or the GPU supports bf16")
     p.add_argument("--max-steps", type=int, help="stop after this many steps (0 = no limit)")
     p.add_argument("--eval-every-steps", type=int)
     p.add_argument("--checkpoint-every-steps", type=int)
@@ -90,8 +92,8 @@ class Evaluator:
             if flag.item() == 0:
                 break
             batch = (b or dummy).to(c.device)
-            with torch.autocast(c.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16):
-                q = predict_proba(self.t.dmp(batch.kjt)).cpu().numpy()[:batch.valid]
+            # fp32 whatever the training precision: the metrics match deepfm.evaluate's exactly
+            q = predict_proba(self.t.dmp(batch.kjt)).cpu().numpy()[:batch.valid]
             preds.append(q)
             labels.append(batch.labels.cpu().numpy()[:batch.valid])
         it.close()
@@ -122,6 +124,10 @@ def train(a: argparse.Namespace, cfg: TrainConfig) -> dict:
 def _train(a: argparse.Namespace, cfg: TrainConfig, cluster: Cluster) -> dict:
     run = Path(a.out)
     ds = inputs.open_dataset(a.data)
+    use_bf16, why = resolve_bf16(cfg.bf16, cluster.device)
+    cfg = replace(cfg, bf16=use_bf16)
+    if cluster.is_main:
+        log.info("bf16 autocast %s (%s)", "on" if use_bf16 else "off", why)
     if cluster.is_main:
         run.mkdir(parents=True, exist_ok=True)
     t = sharded.build(ds.fields, cfg, cluster)
@@ -202,7 +208,7 @@ def _train(a: argparse.Namespace, cfg: TrainConfig, cluster: Cluster) -> dict:
         t.dmp.train()
         while step_in_epoch < steps_per_epoch:
             b = next(stream).to(cluster.device)
-            with torch.autocast(cluster.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+            with torch.autocast(cluster.device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 if cfg.embedding_l2:
                     logit, l2 = t.dmp(b.kjt, with_l2=True)
                 else:

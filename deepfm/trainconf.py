@@ -31,7 +31,7 @@ class TrainConfig:
     embedding_init_scale: float = 0.0       # rows start uniform in +-this; 0: TorchRec's +-sqrt(1 / rows)
     weight_decay: float = 0.0               # L2 on the dense parameters (Adam)
     embedding_l2: float = 0.0               # loss += embedding_l2 * mean over rows of sum ||looked-up row||^2
-    bf16: bool = False
+    bf16: bool | str = "auto"               # bf16 autocast of the dense part: true, false, or "auto" (where native)
     eval_every_steps: int = 0
     checkpoint_every_steps: int = 500
     keep_checkpoints: int = 2
@@ -63,6 +63,8 @@ class TrainConfig:
         for k in ("weight_decay", "embedding_l2", "embedding_init_scale", "sparse_eps"):
             if getattr(self, k) < 0:
                 raise bad(k, "must not be negative")
+        if self.bf16 not in (True, False, "auto"):
+            raise bad("bf16", f"{self.bf16!r} is not one of true, false, auto")
         for table, kind in self.sharding.items():
             if kind not in SHARDING_TYPES:
                 raise bad(f"sharding.{table}", f"{kind!r} is not one of {SHARDING_TYPES}")

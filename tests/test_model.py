@@ -13,8 +13,10 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+from deepfm.cluster import native_bf16, resolve_bf16
 from deepfm.inputs import to_batch
 from deepfm.model import FIRST_ORDER_DIM, DeepFM, FieldSpec, FMInteraction, predict_proba
+from deepfm.trainconf import DEFAULT_TRAIN_CONFIG, TrainConfigError, load_train_config
 
 FIELDS = [FieldSpec("a", 10, 4), FieldSpec("b", 20, 4), FieldSpec("c", 5, 4)]
 
@@ -149,3 +151,27 @@ def test_the_fused_sparse_adagrad_takes_its_eps_from_the_config(eps, tmp_path):
     assert len(out["delta"]) == 2 * FIRST_ORDER_DIM
     for d in out["delta"]:
         assert d == pytest.approx(expected, rel=1e-4)
+
+
+def test_the_shipped_training_config_loads_and_bad_keys_and_values_are_named(tmp_path):
+    cfg = load_train_config(DEFAULT_TRAIN_CONFIG)
+    assert (cfg.model, cfg.hidden, cfg.dropout, cfg.bf16) == ("deepfm", (400, 400, 400), 0.5, "auto")
+    assert load_train_config(DEFAULT_TRAIN_CONFIG, {"bf16": False, "epochs": None}).bf16 is False
+    bad = tmp_path / "train.yaml"
+    bad.write_text("model: deepfm\nbatchsize: 512\n")
+    with pytest.raises(TrainConfigError, match=r"^batchsize: unknown key"):
+        load_train_config(bad)
+    bad.write_text("bf16: sometimes\n")
+    with pytest.raises(TrainConfigError, match=r"^bf16: 'sometimes' is not one of true, false, auto"):
+        load_train_config(bad)
+
+
+def test_bf16_auto_follows_the_cpu_flags_and_a_setting_forces_it():
+    flags = set(open("/proc/cpuinfo").read().split())
+    native = bool(flags & {"avx512_bf16", "amx_bf16"})
+    cpu = torch.device("cpu")
+    assert native_bf16(cpu)[0] is native
+    use, why = resolve_bf16("auto", cpu)             # a world of one: no process group, no vote
+    assert use is native and why.startswith("bf16: auto, the CPU has")
+    assert resolve_bf16(True, cpu) == (True, "bf16: true in the config")
+    assert resolve_bf16(False, cpu) == (False, "bf16: false in the config")
