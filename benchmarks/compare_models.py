@@ -1,16 +1,21 @@
 """The paper's comparison on generated logs: LR, FM, DNN and DeepFM from the same code, against the
 oracle (the generator's true click probabilities).
 
-    python benchmarks/compare_models.py --raw RAW_DIR --data FEATURIZED_DIR [--epochs 3] [--nproc 2]
+    python benchmarks/compare_models.py --raw RAW_DIR --data FEATURIZED_DIR [--epochs 5] [--nproc 2]
+        [--rows-per-day 1000000] [--days 6]
 
-RAW_DIR is pipeline.generate's output (for truth/), FEATURIZED_DIR its featurized form. Each model is a
-real `torchrun deepfm/train.py --model M` run; the table shows test AUC, logloss, the share of the
-LR -> oracle AUC gap recovered, and training time relative to LR (the paper's efficiency measure).
+RAW_DIR is pipeline.generate's output (for truth/), FEATURIZED_DIR its featurized form; either is made
+first when missing (--days days of --rows-per-day rows, seed 7, fields of up to --max-cardinality values,
+featurized by `spark-submit jobs/featurize.py` with conf/criteo_small.yaml and negative sampling 0.5).
+Each model is a real `torchrun deepfm/train.py --model M` run (early stopping on valid AUC, the best valid
+weights tested); the table shows test AUC, logloss, the share of the LR -> oracle AUC gap recovered, and
+training time relative to LR (the paper's efficiency measure).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -24,17 +29,36 @@ from pipeline.generate import read_truth  # noqa: E402
 from pipeline.metrics import summary  # noqa: E402
 
 
+def run(cmd: list[str]) -> None:
+    print("$", " ".join(cmd), flush=True)
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}   # spark-submit finds python3
+    subprocess.run(cmd, check=True, cwd=ROOT, env=env, stdout=subprocess.DEVNULL)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--raw", required=True, type=Path)
     p.add_argument("--data", required=True, type=Path)
-    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--rows-per-day", type=int, default=1_000_000, help="when generating RAW_DIR")
+    p.add_argument("--days", type=int, default=6, help="when generating RAW_DIR: train days + valid + test")
+    p.add_argument("--max-cardinality", type=int, default=50_000, help="when generating RAW_DIR")
+    p.add_argument("--config", default=str(ROOT / "conf" / "criteo_small.yaml"), help="feature contract")
+    p.add_argument("--neg-sample-rate", type=float, default=0.5, help="when featurizing")
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=2048)
     p.add_argument("--models", default="lr,fm,dnn,deepfm")
     p.add_argument("--work", type=Path, default=Path("/tmp/clickpipe-compare"))
     p.add_argument("--extra", default="", help="extra train.py flags, e.g. '--bf16'")
     a = p.parse_args()
+    if not (a.raw / "truth" / "model.json").exists():
+        run([str(BIN / "python"), "-m", "pipeline.generate", "--out", str(a.raw), "--config", a.config,
+             "--days", str(a.days), "--rows-per-day", str(a.rows_per_day), "--max-cardinality", str(a.max_cardinality),
+             "--seed", "7"])
+    if not (a.data / "manifest.json").exists():
+        run([str(BIN / "spark-submit"), "--master", "local[2]", "--driver-memory", "4g", str(ROOT / "jobs" / "featurize.py"),
+             "--input", str(a.raw), "--output", str(a.data), "--config", a.config,
+             "--neg-sample-rate", str(a.neg_sample_rate), "--overwrite"])
     man = json.loads((a.data / "manifest.json").read_text())
     test_day = man["splits"]["test"]["days"][0]
     oracle = summary(*read_truth(a.raw, test_day))
