@@ -1,9 +1,10 @@
 """Training throughput, reading included: TorchRec DeepFM on 1 and 2 ranks vs plain PyTorch.
 
-    python benchmarks/train_bench.py --data FEATURIZED_DIR [--steps 150] [--batch-size 2048] [--bf16]
+    python benchmarks/train_bench.py --data FEATURIZED_DIR [--steps 150] [--batch-size 2048]
+        [--precision auto|bf16|fp32]
 
---bf16 runs both the TorchRec trainer and the plain baseline under bf16 autocast (worth it only on CPUs
-with AVX-512 BF16 or AMX, and on GPUs: see /proc/cpuinfo); the machine's bf16 flags are printed.
+Both the TorchRec trainer and the plain baseline run under the same precision: bf16 autocast or fp32;
+auto (the default, as the trainer's `bf16: auto`) is bf16 where the CPU has avx512_bf16 or amx_bf16.
 
 FEATURIZED_DIR should be made with conf/criteo.yaml (26 categorical fields of 1M buckets: the paper's
 model size), e.g. by benchmarks/featurize_bench.py (its feat_x1 output). Each run is a real torchrun;
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import shutil
 import subprocess
 import sys
@@ -22,6 +22,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from deepfm.cluster import native_bf16  # noqa: E402
 
 
 def torchrec_run(data: str, nproc: int, steps: int, batch: int, bf16: bool, work: Path) -> float:
@@ -29,7 +34,7 @@ def torchrec_run(data: str, nproc: int, steps: int, batch: int, bf16: bool, work
     shutil.rmtree(run, ignore_errors=True)
     cmd = [str(BIN / "torchrun"), "--standalone", f"--nproc_per_node={nproc}", str(ROOT / "deepfm" / "train.py"),
            "--data", data, "--out", str(run), "--epochs", "1", "--max-steps", str(steps), "--batch-size", str(batch),
-           "--checkpoint-every-steps", "0", "--no-test"] + (["--bf16"] if bf16 else [])
+           "--checkpoint-every-steps", "0", "--no-test", "--bf16" if bf16 else "--no-bf16"]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode:
         sys.exit(r.stderr[-3000:])
@@ -51,21 +56,21 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--plain-steps", type=int, default=30)
     p.add_argument("--batch-size", type=int, default=2048)
-    p.add_argument("--bf16", action="store_true")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
     p.add_argument("--work", type=Path, default=Path("/tmp/clickpipe-bench"))
     a = p.parse_args()
     m = json.loads((Path(a.data) / "manifest.json").read_text())
     sizes = [f["num_embeddings"] for f in m["fields"]]
-    flags = sorted(set(re.findall(r"\b(avx512_bf16|amx_bf16)\b", Path("/proc/cpuinfo").read_text()))) \
-        if Path("/proc/cpuinfo").exists() else []
-    print(f"cpu bf16 support: {', '.join(flags) or 'none (bf16 is emulated and slow)'}")
+    native, why = native_bf16(torch.device("cpu"))
+    bf16 = native if a.precision == "auto" else a.precision == "bf16"
+    print(f"precision: {'bf16' if bf16 else 'fp32'} ({a.precision}; {why})")
     print(f"data: {a.data}, {len(sizes)} tables, largest {max(sizes):,} rows, dim {m['fields'][0]['embedding_dim']}, "
-          f"batch {a.batch_size}/rank, bf16 {a.bf16}")
-    r1 = torchrec_run(a.data, 1, a.steps, a.batch_size, a.bf16, a.work)
+          f"batch {a.batch_size}/rank, bf16 {bf16}")
+    r1 = torchrec_run(a.data, 1, a.steps, a.batch_size, bf16, a.work)
     print(f"torchrec deepfm, 1 rank : {r1:,.0f} examples/s", flush=True)
-    r2 = torchrec_run(a.data, 2, a.steps, a.batch_size, a.bf16, a.work)
+    r2 = torchrec_run(a.data, 2, a.steps, a.batch_size, bf16, a.work)
     print(f"torchrec deepfm, 2 ranks: {r2:,.0f} examples/s", flush=True)
-    b2 = plain_run(a.data, 2, a.plain_steps, a.batch_size, a.bf16)
+    b2 = plain_run(a.data, 2, a.plain_steps, a.batch_size, bf16)
     print(f"plain pytorch (EmbeddingBag + DDP + dense Adam), 2 ranks: {b2:,.0f} examples/s", flush=True)
     print(f"ratio torchrec/plain at 2 ranks: {r2 / b2:.2f}x; 2 ranks / 1 rank: {r2 / r1:.2f}x")
 

@@ -128,7 +128,6 @@ def _train(a: argparse.Namespace, cfg: TrainConfig, cluster: Cluster) -> dict:
     cfg = replace(cfg, bf16=use_bf16)
     if cluster.is_main:
         log.info("bf16 autocast %s (%s)", "on" if use_bf16 else "off", why)
-    if cluster.is_main:
         run.mkdir(parents=True, exist_ok=True)
     t = sharded.build(ds.fields, cfg, cluster)
     log.info("rank %d/%d on %s (%s); model %s; plan %s", cluster.rank, cluster.world, cluster.device, cluster.backend,
