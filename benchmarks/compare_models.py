@@ -29,7 +29,7 @@ from pipeline.generate import read_truth  # noqa: E402
 from pipeline.metrics import summary  # noqa: E402
 
 
-def run(cmd: list[str]) -> None:
+def run_step(cmd: list[str]) -> None:
     print("$", " ".join(cmd), flush=True)
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}   # spark-submit finds python3
     subprocess.run(cmd, check=True, cwd=ROOT, env=env, stdout=subprocess.DEVNULL)
@@ -52,11 +52,13 @@ def main() -> None:
     p.add_argument("--extra", default="", help="extra train.py flags, e.g. '--bf16'")
     a = p.parse_args()
     if not (a.raw / "truth" / "model.json").exists():
-        run([str(BIN / "python"), "-m", "pipeline.generate", "--out", str(a.raw), "--config", a.config,
+        run_step([str(BIN / "python"), "-m", "pipeline.generate", "--out", str(a.raw), "--config", a.config,
              "--days", str(a.days), "--rows-per-day", str(a.rows_per_day), "--max-cardinality", str(a.max_cardinality),
              "--seed", "7"])
     if not (a.data / "manifest.json").exists():
-        run([str(BIN / "spark-submit"), "--master", "local[2]", "--driver-memory", "4g", str(ROOT / "jobs" / "featurize.py"),
+        run_step([str(BIN / "spark-submit"), "--master", "local[2]", "--driver-memory", "4g",
+                  "--driver-java-options", f"-Dlog4j2.configurationFile=file:{ROOT / 'tools' / 'log4j2.properties'}",
+                  str(ROOT / "jobs" / "featurize.py"),
              "--input", str(a.raw), "--output", str(a.data), "--config", a.config,
              "--neg-sample-rate", str(a.neg_sample_rate), "--overwrite"])
     man = json.loads((a.data / "manifest.json").read_text())
