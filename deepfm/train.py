@@ -257,7 +257,7 @@ def _train(a: argparse.Namespace, cfg: TrainConfig, cluster: Cluster) -> dict:
                      cfg.keep_checkpoints)
     best = next((h for h in history if h["step"] == weights_from), history[-1] if history else {})
     result: dict[str, Any] = {
-        "model": cfg.model, "world_size": cluster.world, "device": str(cluster.device),
+        "model": cfg.model, "world_size": cluster.world, "device": str(cluster.device), "precision": "bf16" if use_bf16 else "fp32",
         "feature_fingerprint": ds.fingerprint, "global_step": global_step,
         "train": {"examples": examples_done, "seconds": round(seconds_done, 3),
                   "examples_per_s": round(examples_done / max(seconds_done, 1e-9), 1)},

@@ -52,6 +52,8 @@ def test_two_ranks_beat_a_constant_predictor(trained: Path, featurized: Path):
     assert m["global_step"] == 2 * steps
     assert m["train"]["examples"] == 2 * steps * 1024 and m["train"]["examples_per_s"] > 0
     assert len(m["history"]) == 2
+    native = bool(set(open("/proc/cpuinfo").read().split()) & {"avx512_bf16", "amx_bf16"})
+    assert m["precision"] == ("bf16" if native else "fp32")     # bf16: auto
     assert list((trained / "tensorboard").glob("events.out.tfevents.*"))
 
 
@@ -124,13 +126,13 @@ def test_two_nodes_on_one_machine(featurized: Path, tmp_path: Path):
     run = tmp_path / "run"
     cmd = lambda: [str(BIN / "torchrun"), "--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d",
                    f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=twonodes", str(ROOT / "deepfm" / "train.py"),
-                   "--data", str(featurized), "--out", str(run), "--epochs", "1", "--max-steps", "8", *FAST]
+                   "--data", str(featurized), "--out", str(run), "--epochs", "1", "--max-steps", "8", "--no-bf16", *FAST]
     procs = [subprocess.Popen(cmd(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for _ in range(2)]
     outs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
     m = metrics(run)
-    assert m["world_size"] == 2 and m["global_step"] == 8
+    assert m["world_size"] == 2 and m["global_step"] == 8 and m["precision"] == "fp32"
 
 
 def test_data_with_another_fingerprint_is_refused(trained: Path, featurized: Path, tmp_path: Path):
