@@ -53,14 +53,14 @@ def main() -> None:
     a = p.parse_args()
     if not (a.raw / "truth" / "model.json").exists():
         run_step([str(BIN / "python"), "-m", "pipeline.generate", "--out", str(a.raw), "--config", a.config,
-             "--days", str(a.days), "--rows-per-day", str(a.rows_per_day), "--max-cardinality", str(a.max_cardinality),
-             "--seed", "7"])
+                  "--days", str(a.days), "--rows-per-day", str(a.rows_per_day),
+                  "--max-cardinality", str(a.max_cardinality), "--seed", "7"])
     if not (a.data / "manifest.json").exists():
+        log4j = ROOT / "tools" / "log4j2.properties"
         run_step([str(BIN / "spark-submit"), "--master", "local[2]", "--driver-memory", "4g",
-                  "--driver-java-options", f"-Dlog4j2.configurationFile=file:{ROOT / 'tools' / 'log4j2.properties'}",
-                  str(ROOT / "jobs" / "featurize.py"),
-             "--input", str(a.raw), "--output", str(a.data), "--config", a.config,
-             "--neg-sample-rate", str(a.neg_sample_rate), "--overwrite"])
+                  "--driver-java-options", f"-Dlog4j2.configurationFile=file:{log4j}", str(ROOT / "jobs" / "featurize.py"),
+                  "--input", str(a.raw), "--output", str(a.data), "--config", a.config,
+                  "--neg-sample-rate", str(a.neg_sample_rate), "--overwrite"])
     man = json.loads((a.data / "manifest.json").read_text())
     test_day = man["splits"]["test"]["days"][0]
     oracle = summary(*read_truth(a.raw, test_day))
