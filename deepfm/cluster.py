@@ -77,7 +77,7 @@ def resolve_bf16(setting: bool | str, device: torch.device) -> tuple[bool, str]:
         return bool(setting), f"bf16: {str(setting).lower()} in the config"
     ok, why = native_bf16(device)
     if dist.is_initialized():
-        flag = torch.tensor([int(ok)], device=device if device.type == "cuda" else "cpu")
+        flag = torch.tensor([int(ok)], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
         if ok and not flag.item():
             ok, why = False, f"{why}, but another rank's device does not"
