@@ -31,6 +31,7 @@ from pyspark.sql import functions as F
 from pipeline.contract import ContinuousField, ContractError, FeatureContract, load_contract
 from pipeline import features as T
 from pipeline.hadoopfs import HadoopFS
+from pipeline.layout import PathOverlapError, refuse_overlap
 
 log = logging.getLogger("jobs.featurize")
 DEFAULT_CONFIG = str(Path(__file__).resolve().parent.parent / "conf" / "criteo.yaml")
@@ -42,6 +43,11 @@ MANIFEST_VERSION = 1
 
 class FeaturizeError(RuntimeError):
     """The job cannot go on; the message says why. Nothing is committed to the output."""
+
+
+class RejectLimitError(FeaturizeError):
+    """More lines are malformed than the contract allows. The staging folder is kept with the rejected
+    lines and their reasons, for inspection; nothing is committed."""
 
 
 @dataclass(frozen=True)
@@ -96,8 +102,19 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         if not m or int(m.group(1)) > int(m.group(2)):
             raise FeaturizeError(f"--days {a.days!r}: expected FIRST-LAST, e.g. 3-9")
         days = (int(m.group(1)), int(m.group(2)))
-    return Options(input=a.input, output=a.output.rstrip("/"), contract=contract, overwrite=a.overwrite,
-                   reuse=a.reuse, days=days)
+    o = Options(input=a.input, output=a.output.rstrip("/"), contract=contract, overwrite=a.overwrite,
+                reuse=a.reuse, days=days)
+    check_paths(o.output, o.input, o.reuse)      # before Spark starts (run() checks the qualified paths again)
+    return o
+
+
+def check_paths(output: str, input: str, reuse: str | None) -> None:
+    """The output (and its staging folder beside it) must not be, hold or lie inside what the job reads:
+    with --overwrite it would delete its own input."""
+    try:
+        refuse_overlap(("--output", output), ("--input", input), ("--reuse", reuse))
+    except PathOverlapError as e:
+        raise FeaturizeError(str(e)) from None
 
 
 def get_spark() -> SparkSession:
@@ -183,10 +200,11 @@ def run(spark: SparkSession, o: Options) -> dict:
     c = o.contract
     fs = HadoopFS(spark, o.output)
     out = fs.qualify(o.output)
+    in_fs = HadoopFS(spark, o.input)
+    check_paths(out, in_fs.qualify(o.input), HadoopFS(spark, o.reuse).qualify(o.reuse) if o.reuse else None)
     if fs.exists(out) and not o.overwrite:
         raise FeaturizeError(f"--output {o.output} exists; pass --overwrite to replace it")
     reused = load_reuse(spark, o.reuse, c) if o.reuse else None
-    in_fs = HadoopFS(spark, o.input)
     inputs = find_day_inputs(in_fs, in_fs.qualify(o.input), c, o.days)
     log.info("%s: %d input(s) %s", c.name, len(inputs), ", ".join(p.rsplit("/", 1)[-1] for _, p in inputs))
 
@@ -194,8 +212,8 @@ def run(spark: SparkSession, o: Options) -> dict:
     try:
         manifest = _featurize(spark, o, fs, inputs, staging, reused, t0)
         _commit(fs, staging, out, o.overwrite)
-    except FeaturizeError:
-        raise
+    except RejectLimitError:
+        raise                                  # its staging folder holds the rejects; the message names it
     except BaseException:
         if fs.exists(staging):
             fs.delete(staging)
@@ -353,7 +371,7 @@ def _featurize(spark: SparkSession, o: Options, fs: HadoopFS, inputs: list[tuple
         for s in (*SPLITS, "vocab"):
             if fs.exists(f"{staging}/{s}"):
                 fs.delete(f"{staging}/{s}")
-        raise FeaturizeError(
+        raise RejectLimitError(
             f"{n_rejects} of {total} lines ({100 * n_rejects / total:.2f}%) are malformed, more than "
             f"quality.max_reject_fraction={c.quality.max_reject_fraction}; nothing was committed. "
             f"The rejected lines and reasons are in {staging}/rejects")

@@ -24,6 +24,9 @@ REASONS = ("binary", "column_count", "bad_label", "non_numeric", "bad_day")
 # searches: a regular expression over every line costs more than the rest of the parse.)
 _BINARY_MARKS = ("char(0)", "'\\uFFFD'")      # as Spark SQL
 CORRUPT = "_corrupt"   # Spark's column for a line that does not fit the schema
+# Lines Spark's CSV reader skips: Java's String.trim() leaves nothing, i.e. every character is at most
+# U+0020 (tabs, form feeds, \x1a, NULs, not only spaces). The quarantine skips the same lines.
+BLANK_LINE = "^[\\x00-\\x20]*$"
 
 # The per-column expressions below are Spark SQL text, projected together (selectExpr) or made
 # a Column with F.expr: every call of the Column API is a round trip to the JVM, and the
@@ -136,7 +139,7 @@ def parse_lines(lines: DataFrame, contract: FeatureContract) -> DataFrame:
     """
     src = contract.source
     schema = csv_schema(contract)
-    lines = lines.filter(F.trim(F.col("value")) != "")
+    lines = lines.filter(~F.col("value").rlike(BLANK_LINE))
     parsed = lines.select("day", F.col("value").alias("_line"),
                           F.from_csv(F.col("value"), schema.simpleString(), csv_options(contract)).alias("_p"))
     records = parsed.select("day", "_line", *[F.col("_p")[n].alias(n) for n in schema.names])
@@ -202,7 +205,11 @@ def quantile_bucket(name: str, f: ContinuousField, boundaries: Sequence[float]) 
 
 
 def _reserve(c: str, bucket: str) -> str:
-    return f"CAST(CASE WHEN {c} IS NULL THEN {MISSING_ID} WHEN {c} < 0 THEN {NEGATIVE_ID} ELSE {bucket} END AS INT)"
+    # A non-finite value makes the line malformed (check_records), but Spark evaluates this expression on
+    # rows a later filter drops, and under ANSI mode floor(ln(inf)^2) cast to int raises: such a value
+    # gets the missing id here, so the expression cannot fail whatever the row.
+    return (f"CAST(CASE WHEN {c} IS NULL OR isnan({c}) OR abs({c}) = CAST('Infinity' AS DOUBLE) THEN {MISSING_ID} "
+            f"WHEN {c} < 0 THEN {NEGATIVE_ID} ELSE {bucket} END AS INT)")
 
 
 def quantile_probabilities(f: ContinuousField) -> list[float]:

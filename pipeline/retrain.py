@@ -42,6 +42,7 @@ from typing import Any, Callable, Mapping, Sequence
 import yaml
 
 from pipeline.contract import ContractError, load_contract
+from pipeline.layout import PathOverlapError, refuse_overlap
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONTRACT = ROOT / "conf" / "criteo_small.yaml"
@@ -225,6 +226,14 @@ def load_config(path: str | Path) -> RetrainConfig:
         raise RetrainConfigError(f"{p}: gate.calibration_min must be below gate.calibration_max")
     if cfg.neg_sample_rate is not None and not 0 < cfg.neg_sample_rate <= 1:
         raise RetrainConfigError(f"{p}: neg_sample_rate: {cfg.neg_sample_rate} is not in (0, 1]")
+    # the run writes into work_dir and registry_dir and deletes old versions and work there: neither may
+    # hold, or lie inside, the raw days or each other
+    folders = [("raw_dir", cfg.raw_dir), ("work_dir", cfg.work_dir), ("registry_dir", cfg.registry_dir)]
+    for i, (wname, wpath) in enumerate(folders[1:], 1):
+        try:
+            refuse_overlap((wname, str(wpath)), *[(n, str(x)) for n, x in folders[:i]])
+        except PathOverlapError as e:
+            raise RetrainConfigError(f"{p}: {e}") from None
     return cfg
 
 
