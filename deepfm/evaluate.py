@@ -18,7 +18,7 @@ from typing import Sequence
 
 from deepfm import inputs, sharded
 from deepfm.cluster import init_cluster, shutdown
-from deepfm.trainconf import TrainConfig, TrainConfigError
+from deepfm.trainconf import TrainConfigError, load_train_config
 
 log = logging.getLogger("deepfm.evaluate")
 
@@ -30,9 +30,7 @@ def evaluate(run: Path, data: Path, split: str, checkpoint: Path | None = None, 
     if ckpt is None:
         raise sharded.CheckpointError(f"{run}: no complete checkpoint")
     meta = sharded.read_meta(ckpt)
-    cfg_raw = dict(meta["config"])
-    cfg_raw["hidden"] = tuple(cfg_raw["hidden"])
-    cfg = TrainConfig(**cfg_raw)
+    cfg = load_train_config(None, meta["config"])
     if batch_size:
         cfg = replace(cfg, batch_size=batch_size)
     ds = inputs.open_dataset(data)

@@ -1,11 +1,17 @@
-"""Training settings: conf/train.yaml, then command-line overrides, into one frozen dataclass."""
+"""Training settings: conf/train.yaml (the one statement of every default), a user's file over it, then
+command-line overrides, into one frozen dataclass, checked by pipeline.config's rules.
+
+No torch import: the retraining orchestrator validates its ``train:`` settings through this loader
+before any step runs.
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-import yaml
+from pipeline import config as C
 
 MODELS = ("deepfm", "fm", "lr", "dnn")
 SPARSE_OPTIMIZERS = ("adagrad", "rowwise_adagrad", "sgd")
@@ -13,83 +19,75 @@ SHARDING_TYPES = ("table_wise", "row_wise", "column_wise", "table_row_wise", "da
 DEFAULT_TRAIN_CONFIG = Path(__file__).resolve().parent.parent / "conf" / "train.yaml"
 
 
-class TrainConfigError(ValueError):
+class TrainConfigError(C.ConfigError):
     pass
+
+
+def _bf16(v: Any, where: str) -> Any:
+    if v not in (True, False, "auto"):
+        raise C.ConfigError(f"{where}: {v!r} is not one of true, false, auto")
+    return v
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    model: str = "deepfm"
-    hidden: tuple[int, ...] = (400, 400, 400)
-    dropout: float = 0.5
-    batch_size: int = 2048
-    epochs: int = 3
-    dense_lr: float = 1e-3
-    sparse_optimizer: str = "adagrad"
-    sparse_lr: float = 0.01
-    sparse_eps: float = 1e-3                # Adagrad's step is lr * g / (sqrt(sum g^2) + eps)
-    embedding_init_scale: float = 0.0       # rows start uniform in +-this; 0: TorchRec's +-sqrt(1 / rows)
-    weight_decay: float = 0.0               # L2 on the dense parameters (Adam)
-    embedding_l2: float = 0.0               # loss += embedding_l2 * mean over rows of sum ||looked-up row||^2
-    bf16: bool | str = "auto"               # bf16 autocast of the dense part: true, false, or "auto" (where native)
-    eval_every_steps: int = 0
-    checkpoint_every_steps: int = 500
-    keep_checkpoints: int = 2
-    early_stopping_patience: int = 2
-    keep_best: bool = True                  # test and the final checkpoint use the best valid evaluation's weights
-    seed: int = 1234
-    reader_workers: int = 2
-    prefetch_batches: int = 8
-    max_steps: int = 0                      # 0 = no limit (tests and benchmarks cap the run)
-    sharding: Mapping[str, str] = field(default_factory=dict)
+    """Every training setting. The defaults and what each means are in conf/train.yaml (and nowhere else);
+    a user's ``--config`` file changes keys of it."""
 
-    def __post_init__(self) -> None:
-        def bad(key: str, why: str) -> TrainConfigError:
-            return TrainConfigError(f"{key}: {why}")
-        if self.model not in MODELS:
-            raise bad("model", f"{self.model!r} is not one of {MODELS}")
-        if self.sparse_optimizer not in SPARSE_OPTIMIZERS:
-            raise bad("sparse_optimizer", f"{self.sparse_optimizer!r} is not one of {SPARSE_OPTIMIZERS}")
-        if not all(isinstance(h, int) and h > 0 for h in self.hidden):
-            raise bad("hidden", f"expected positive layer widths, got {list(self.hidden)}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise bad("dropout", f"{self.dropout} is not in [0, 1)")
-        for k in ("batch_size", "epochs", "keep_checkpoints", "reader_workers", "prefetch_batches"):
-            if getattr(self, k) < 1:
-                raise bad(k, f"{getattr(self, k)} must be at least 1")
-        for k in ("dense_lr", "sparse_lr"):
-            if not getattr(self, k) > 0:
-                raise bad(k, "must be positive")
-        for k in ("weight_decay", "embedding_l2", "embedding_init_scale", "sparse_eps"):
-            if getattr(self, k) < 0:
-                raise bad(k, "must not be negative")
-        if self.bf16 not in (True, False, "auto"):
-            raise bad("bf16", f"{self.bf16!r} is not one of true, false, auto")
-        for table, kind in self.sharding.items():
-            if kind not in SHARDING_TYPES:
-                raise bad(f"sharding.{table}", f"{kind!r} is not one of {SHARDING_TYPES}")
+    model: str = C.setting(check=C.one_of(*MODELS))
+    hidden: tuple[int, ...] = C.setting(check=C.each(C.positive))
+    dropout: float = C.setting(check=C.in_range(0.0, 1.0, hi_open=True))
+    batch_size: int = C.setting(check=C.at_least(1))
+    epochs: int = C.setting(check=C.at_least(1))
+    dense_lr: float = C.setting(check=C.positive)
+    sparse_optimizer: str = C.setting(check=C.one_of(*SPARSE_OPTIMIZERS))
+    sparse_lr: float = C.setting(check=C.positive)
+    sparse_eps: float = C.setting(check=C.at_least(0.0))
+    embedding_init_scale: float = C.setting(check=C.at_least(0.0))
+    weight_decay: float = C.setting(check=C.at_least(0.0))
+    embedding_l2: float = C.setting(check=C.at_least(0.0))
+    bf16: bool | str = C.setting(check=_bf16)
+    eval_every_steps: int = C.setting(check=C.at_least(0))
+    checkpoint_every_steps: int = C.setting(check=C.at_least(0))
+    keep_checkpoints: int = C.setting(check=C.at_least(1))
+    early_stopping_patience: int = C.setting(check=C.at_least(1))
+    keep_best: bool = C.setting()
+    seed: int = C.setting(check=C.at_least(0))
+    reader_workers: int = C.setting(check=C.at_least(1))
+    prefetch_batches: int = C.setting(check=C.at_least(1))
+    max_steps: int = C.setting(check=C.at_least(0))
+    sharding: Mapping[str, str] = C.setting(check=C.each(C.one_of(*SHARDING_TYPES)))
 
 
-def load_train_config(path: str | Path | None, overrides: Mapping[str, Any] | None = None) -> TrainConfig:
-    raw: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.exists():
-            raise TrainConfigError(f"training config not found: {p}")
-        raw = yaml.safe_load(p.read_text()) or {}
-        if not isinstance(raw, dict):
-            raise TrainConfigError(f"{p}: expected a mapping")
-    raw.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    known = {f.name for f in fields(TrainConfig)}
-    for k in raw:
-        if k not in known:
-            raise TrainConfigError(f"{k}: unknown key (allowed: {', '.join(sorted(known))})")
-    if "hidden" in raw:
-        raw["hidden"] = tuple(raw["hidden"])
-    if "sharding" in raw:
-        raw["sharding"] = dict(raw["sharding"] or {})
+def load_train_config(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> TrainConfig:
+    """conf/train.yaml, the keys of ``path`` over it (when given and not that file), then ``overrides``
+    (None values ignored). :class:`TrainConfigError` names the key (and the file) of a bad setting.
+
+        load_train_config(None, {"model": "fm"}).model -> "fm"
+    """
     try:
-        return TrainConfig(**raw)
-    except TypeError as e:
+        raw = C.mapping(C.load_yaml(DEFAULT_TRAIN_CONFIG, "training config"), str(DEFAULT_TRAIN_CONFIG))
+        if path is not None and Path(path).resolve() != DEFAULT_TRAIN_CONFIG:
+            user = C.load_yaml(path, "training config")
+            if user is not None:
+                raw = {**raw, **_known(C.mapping(user, ""), path)}
+        raw = {**raw, **_known({k: v for k, v in (overrides or {}).items() if v is not None}, "the overrides")}
+        return C.build(TrainConfig, raw)
+    except TrainConfigError:
+        raise
+    except C.ConfigError as e:
         raise TrainConfigError(str(e)) from None
 
+
+def _known(raw: Mapping[str, Any], where: Any) -> dict[str, Any]:
+    allowed = {f.name for f in dataclasses.fields(TrainConfig)}
+    for k in raw:
+        if k not in allowed:
+            raise TrainConfigError(f"{k}: unknown key in {where} (allowed: {', '.join(sorted(allowed))})")
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in raw.items()}
+
+
+def to_overrides(cfg: TrainConfig) -> dict[str, Any]:
+    """The settings as plain data (lists for tuples), as :func:`load_train_config` takes them back."""
+    return {k: (list(v) if isinstance(v, tuple) else dict(v) if isinstance(v, Mapping) else v)
+            for k, v in dataclasses.asdict(cfg).items()}

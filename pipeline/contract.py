@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field, fields as dc_fields
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-import yaml
+from pipeline import config as C
 
 CONTRACT_VERSION = 1
 MISSING_ID = 0
@@ -32,7 +32,7 @@ BUCKETINGS = ("log_square", "quantile")
 DAY_FROM = ("file_name", "column")
 
 
-class ContractError(ValueError):
+class ContractError(C.ConfigError):
     """A feature contract that cannot be used. The message names the offending key."""
 
 
@@ -141,6 +141,10 @@ class FeatureContract:
                 return f
         raise KeyError(name)
 
+    def to_raw(self) -> dict[str, Any]:
+        """The contract in its YAML form (defaults expanded per field): :func:`parse_contract` reads it back."""
+        return _to_raw(self)
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["version"] = CONTRACT_VERSION
@@ -202,11 +206,9 @@ def _read_yaml(p: Path, seen: tuple[Path, ...]) -> Any:
     """The file's mapping; with ``base: other.yaml`` (relative to the file), merged over that file's
     (mappings merge key by key, anything else replaces)."""
     try:
-        data = yaml.safe_load(p.read_text())
-    except FileNotFoundError:
-        raise ContractError(f"feature contract not found: {p}") from None
-    except yaml.YAMLError as e:
-        raise ContractError(f"not valid YAML: {e}") from None
+        data = C.load_yaml(p, "feature contract")
+    except C.ConfigError as e:
+        raise ContractError(str(e)) from None
     if not isinstance(data, dict) or "base" not in data:
         return data
     base = p.parent / str(data.pop("base"))
@@ -354,18 +356,17 @@ def _make_categorical(name: str, m: Mapping[str, Any], where: str) -> Categorica
 
 # --- small validators; every message starts with the key -------------------------------------
 
+def _checked(check: Any, raw: Any, where: str, *args: Any, **kw: Any) -> Any:
+    try:
+        return check(raw, where, *args, **kw)
+    except ContractError:
+        raise
+    except C.ConfigError as e:
+        raise ContractError(str(e)) from None
+
+
 def _mapping(raw: Any, where: str, allowed: set[str], required: set[str] = frozenset()) -> dict[str, Any]:  # type: ignore[assignment]
-    if not isinstance(raw, dict):
-        raise ContractError(f"{where}: expected a mapping, got {type(raw).__name__}")
-    for k in raw:
-        if k not in allowed:
-            prefix = "" if where == "<top level>" else f"{where}."
-            raise ContractError(f"{prefix}{k}: unknown key (allowed: {', '.join(sorted(allowed))})")
-    for k in sorted(required):
-        if k not in raw:
-            prefix = "" if where == "<top level>" else f"{where}."
-            raise ContractError(f"{prefix}{k}: required key is missing")
-    return raw
+    return _checked(C.mapping, raw, "" if where == "<top level>" else where, allowed, required)
 
 
 def _names(raw: Any, where: str) -> list[str]:
@@ -378,32 +379,19 @@ def _names(raw: Any, where: str) -> list[str]:
 
 
 def _str(raw: Any, where: str) -> str:
-    if not isinstance(raw, str) or not raw:
-        raise ContractError(f"{where}: expected a non-empty string, got {raw!r}")
-    return raw
+    return _checked(C.string, raw, where)
 
 
 def _bool(raw: Any, where: str) -> bool:
-    if not isinstance(raw, bool):
-        raise ContractError(f"{where}: expected true or false, got {raw!r}")
-    return raw
+    return _checked(C.boolean, raw, where)
 
 
 def _int(raw: Any, where: str, lo: int, hi: int | None = None) -> int:
-    if isinstance(raw, bool) or not isinstance(raw, int):
-        raise ContractError(f"{where}: expected an integer, got {raw!r}")
-    if raw < lo or (hi is not None and raw > hi):
-        raise ContractError(f"{where}: {raw} is out of range [{lo}, {hi if hi is not None else 'inf'}]")
-    return raw
+    return _checked(C.integer, raw, where, lo, hi)
 
 
 def _float(raw: Any, where: str, lo: float, hi: float, low_open: bool = False) -> float:
-    if isinstance(raw, bool) or not isinstance(raw, (int, float)):
-        raise ContractError(f"{where}: expected a number, got {raw!r}")
-    x = float(raw)
-    if not (lo < x if low_open else lo <= x) or x > hi:
-        raise ContractError(f"{where}: {x} is out of range {'(' if low_open else '['}{lo}, {hi}]")
-    return x
+    return _checked(C.number, raw, where, lo, hi, low_open)
 
 
 def _dim(raw: Any, where: str) -> int:

@@ -6,6 +6,9 @@ use these names, so none of them has to copy a helper to avoid importing another
 from __future__ import annotations
 
 import os
+import re
+from pathlib import Path
+from typing import Sequence
 from urllib.parse import urlparse
 
 SUCCESS = "_SUCCESS"            # written last into a featurized (or scored) output: it is complete
@@ -54,3 +57,99 @@ def refuse_overlap(written: tuple[str, str], *read: tuple[str, str | None]) -> N
         if rpath is not None and overlap(wpath, rpath):
             raise PathOverlapError(f"{wname} {wpath} overlaps {rname} {rpath}: a step would write or delete its own "
                                    "input; use folders that are apart")
+
+
+# --- raw day files ------------------------------------------------------------------------------------
+
+DONE_SUFFIX = ".done"           # day_<N>.done beside day_<N>: the producer says the day is complete
+
+
+def day_file_name(file_pattern: str, day: int) -> str:
+    """The file name a writer gives day ``day`` under the contract's ``source.file_pattern`` (a regular
+    expression whose first group captures the day): the literal text before the group, the number, and
+    the literal text after it up to the first optional or special part. The name is checked against the
+    pattern, so a pattern this cannot render is an error, not a wrong name.
+
+        day_file_name(r"day_(\\d+)(\\.gz)?$", 3) -> "day_3";  day_file_name(r"^log-(\\d+)\\.tsv$", 12) -> "log-12.tsv"
+    """
+    pat = file_pattern.lstrip("^")
+    m = re.match(r"((?:[^\\()\[\]{}.*+?|^$]|\\.)*)\((?:\?P<\w+>)?\\d\+\)((?:[^\\()\[\]{}.*+?|^$]|\\.)*)", pat)
+    if m is None:
+        raise ValueError(f"source.file_pattern {file_pattern!r}: cannot name a day file from it (expected literal "
+                         r"text around one (\d+) group, e.g. 'day_(\d+)(\.gz)?$')")
+    name = f"{_unescape(m.group(1))}{day}{_unescape(m.group(2))}"
+    found = re.search(file_pattern, name)
+    if found is None or int(found.group(1)) != day:
+        raise ValueError(f"source.file_pattern {file_pattern!r}: the day file name {name!r} made from it does not "
+                         "match it")
+    return name
+
+
+def _unescape(literal: str) -> str:
+    return re.sub(r"\\(.)", r"\1", literal)
+
+
+def done_marker(day_file: str) -> str:
+    """The completeness marker of a day file: ``day_3`` -> ``day_3.done``."""
+    return day_file + DONE_SUFFIX
+
+
+def split_days(days: Sequence[int], valid_days: int, test_days: int) -> dict[str, list[int]]:
+    """The day split rule, for featurize and retraining alike: the last ``test_days`` days are test, the
+    ``valid_days`` before them valid, the rest train. Raises ValueError when no train day is left.
+
+        ([0, 1, 2, 3], 1, 1) -> {"train": [0, 1], "valid": [2], "test": [3]}
+    """
+    ds = sorted(days)
+    if len(ds) <= valid_days + test_days:
+        raise ValueError(f"{len(ds)} day(s) found ({ds}) but {valid_days} valid + {test_days} test day(s) leave none "
+                         "to train on")
+    t = len(ds) - test_days
+    v = t - valid_days
+    return {"train": ds[:v], "valid": ds[v:t], "test": ds[t:]}
+
+
+# --- training runs ----------------------------------------------------------------------------------
+
+CHECKPOINTS = "checkpoints"     # RUN_DIR/checkpoints/step_<N> (rotated) and checkpoints/best
+STEP_PREFIX = "step_"
+BEST = "best"                   # the weights of the best valid evaluation, outside the rotation
+COMPLETE = "COMPLETE"           # written last into a checkpoint folder: only such folders are used
+CHECKPOINT_META = "meta.json"   # inside a checkpoint: the trainer's state (deepfm.state.TrainState)
+METRICS = "metrics.json"        # RUN_DIR/metrics.json: what the run measured
+
+
+def step_checkpoint(run_dir: Path, step: int) -> Path:
+    return run_dir / CHECKPOINTS / f"{STEP_PREFIX}{step:09d}"
+
+
+def best_checkpoint_dir(run_dir: Path) -> Path:
+    return run_dir / CHECKPOINTS / BEST
+
+
+def is_complete_checkpoint(path: Path) -> bool:
+    return (path / COMPLETE).exists()
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """The complete ``step_<N>`` checkpoints of a run folder, oldest first."""
+    root = run_dir / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.name.startswith(STEP_PREFIX) and is_complete_checkpoint(p))
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete ``step_<N>`` checkpoint of a run folder, or None."""
+    done = complete_checkpoints(run_dir)
+    return done[-1] if done else None
+
+
+def best_checkpoint(run_dir: Path) -> Path | None:
+    p = best_checkpoint_dir(run_dir)
+    return p if is_complete_checkpoint(p) else None
+
+
+def checkpoint_of(path: Path) -> Path | None:
+    """A checkpoint folder itself, or a run folder's latest complete checkpoint (for --warm-start)."""
+    return path if is_complete_checkpoint(path) else latest_checkpoint(path)

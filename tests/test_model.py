@@ -114,10 +114,10 @@ from deepfm.cluster import init_cluster
 from deepfm.inputs import to_batch
 from deepfm.model import FieldSpec
 from deepfm.sharded import build
-from deepfm.trainconf import TrainConfig
+from deepfm.trainconf import load_train_config
 import numpy as np
 cluster = init_cluster(force_cpu=True)
-t = build([FieldSpec("a", 10, 4), FieldSpec("b", 6, 4)], TrainConfig(model="lr", sparse_lr=0.1, sparse_eps=float(sys.argv[1])), cluster)
+t = build([FieldSpec("a", 10, 4), FieldSpec("b", 6, 4)], load_train_config(None, dict(model="lr", sparse_lr=0.1, sparse_eps=float(sys.argv[1]))), cluster)
 b = to_batch(np.array([[3, 5]]), np.array([1.0]), ["a", "b"])
 sparse = t.dmp.module.sparse
 with torch.no_grad():

@@ -1,0 +1,264 @@
+"""The featurized data's manifest: what the featurize job made, as one typed object.
+
+The featurize job builds a :class:`Manifest` and writes it (``manifest.json`` beside ``_SUCCESS``); the
+trainer, the evaluator, retraining and the benchmarks read it back through :func:`read` /
+:func:`open_featurized` and use its attributes. This is the only module that knows the JSON layout.
+No pyspark and no torch import.
+
+    >>> m = open_featurized("data/featurized")          # refuses an incomplete output or unknown version
+    >>> m.splits["train"].rows, m.table_sizes()["C1"], m.sampling.neg_sample_rate
+    (2495165, 20000, 0.5)
+"""
+from __future__ import annotations
+
+import collections.abc
+import dataclasses
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from pipeline import layout
+from pipeline.contract import ContractError, FeatureContract, parse_contract
+
+# 2: typed (pipeline.manifest); the label is named as the output column and the source column.
+MANIFEST_VERSION = 2
+SPLITS = ("train", "valid", "test")
+LABEL_COLUMN = "label"          # the label's column in the featurized Parquet, whatever the source calls it
+DAY_COLUMN = "day"
+CORRECTION = "p = q / (q + (1 - q) / neg_sample_rate)"
+
+
+class ManifestError(ValueError):
+    """A featurized output that cannot be used: incomplete, unreadable, or of an unknown version."""
+
+
+@dataclass(frozen=True)
+class FieldInfo:
+    """One feature column of the output: its table size and embedding dim (from the contract)."""
+
+    name: str
+    kind: str                           # categorical | continuous
+    num_embeddings: int
+    embedding_dim: int
+    bucketing: str | None = None        # continuous: log_square | quantile
+    min_count: int | None = None        # categorical
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """The frequent ids kept when a field has ``min_count`` > 0 (others map to the rare id)."""
+
+    path: str                           # relative to the output folder
+    ids_kept: Mapping[str, int]
+    digest: str
+
+
+@dataclass(frozen=True)
+class SamplingInfo:
+    neg_sample_rate: float
+    seed: int
+    correction: str = CORRECTION
+
+
+@dataclass(frozen=True)
+class Counts:
+    rows: int
+    positives: int
+
+
+@dataclass(frozen=True)
+class SplitInfo:
+    days: tuple[int, ...]
+    before_sampling: Counts
+    rows: int
+    positives: int
+    files: int
+    neg_sample_rate: float
+
+
+@dataclass(frozen=True)
+class Rejects:
+    total: int
+    by_reason: Mapping[str, int]
+    path: str = "rejects"
+
+
+@dataclass(frozen=True)
+class InputInfo:
+    path: str
+    files: tuple[str, ...]
+    days: tuple[int, ...]
+    lines: int
+    reused_from: str | None = None
+
+
+@dataclass(frozen=True)
+class Manifest:
+    contract: FeatureContract
+    contract_fingerprint: str
+    feature_fingerprint: str            # contract + fitted boundaries + vocabulary: what an id means
+    source_label: str                   # the contract's label column in the raw logs (e.g. "click")
+    fields: tuple[FieldInfo, ...]
+    boundaries: Mapping[str, tuple[float, ...]]
+    vocab: Vocabulary | None
+    sampling: SamplingInfo
+    splits: Mapping[str, SplitInfo]
+    rejects: Rejects
+    input: InputInfo
+    seconds: float
+    seconds_by_step: Mapping[str, float]
+    spark_version: str
+    created: str
+    label_column: str = LABEL_COLUMN
+    day_column: str = DAY_COLUMN
+    version: int = MANIFEST_VERSION
+
+    @property
+    def field_names(self) -> tuple[str, ...]:
+        return tuple(f.name for f in self.fields)
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """The Parquet columns of every split, in order (all int32)."""
+        return (self.label_column, *self.field_names, self.day_column)
+
+    def table_sizes(self) -> dict[str, int]:
+        return {f.name: f.num_embeddings for f in self.fields}
+
+    def rows(self, split: str) -> int:
+        return self.splits[split].rows
+
+    def summary_line(self) -> str:
+        s = self.splits
+        return ("featurize: " + ", ".join(f"{k} {v.before_sampling.rows}->{v.rows} rows" for k, v in s.items())
+                + f", {self.rejects.total} rejected, {self.input.lines} lines in, {self.seconds} s")
+
+    # -- JSON ---------------------------------------------------------------------------------------
+    def to_json(self) -> dict[str, Any]:
+        d = _encode(self)
+        d["contract"] = self.contract.to_raw()
+        return {"manifest_version": d.pop("version"), **d}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any], where: str = "manifest") -> "Manifest":
+        version = d.get("manifest_version") if isinstance(d, Mapping) else None
+        if version != MANIFEST_VERSION:
+            raise ManifestError(f"{where}: manifest_version {version!r} is not {MANIFEST_VERSION}, the version this "
+                                "code reads; featurize the data again with this version of jobs/featurize.py")
+        body = {k: v for k, v in d.items() if k != "manifest_version"}
+        try:
+            contract = parse_contract(body.pop("contract"))
+            m = _decode(cls, {**body, "contract": None, "version": version}, where)
+        except (KeyError, TypeError, ValueError, ContractError) as e:
+            raise ManifestError(f"{where}: not a readable manifest: {e}") from None
+        m = dataclasses.replace(m, contract=contract)
+        if contract.fingerprint != m.contract_fingerprint:
+            raise ManifestError(f"{where}: its contract's fingerprint {contract.fingerprint} is not the recorded "
+                                f"{m.contract_fingerprint}; the file was edited")
+        return m
+
+    def dumps(self) -> str:
+        return json.dumps(self.to_json(), indent=1)
+
+    @classmethod
+    def loads(cls, text: str, where: str = "manifest") -> "Manifest":
+        try:
+            d = json.loads(text)
+        except ValueError as e:
+            raise ManifestError(f"{where}: not JSON: {e}") from None
+        return cls.from_json(d, where)
+
+
+def fields_of(contract: FeatureContract) -> tuple[FieldInfo, ...]:
+    """The contract's fields as the manifest records them, in contract order."""
+    return tuple(FieldInfo(f.name, f.kind, f.num_embeddings, f.embedding_dim,
+                           bucketing=getattr(f, "bucketing", None), min_count=getattr(f, "min_count", None))
+                 for f in contract.fields)
+
+
+def write(folder: str | Path, m: Manifest) -> None:
+    """Write ``folder/manifest.json`` (atomically: a temporary file renamed into place)."""
+    p = Path(folder) / layout.MANIFEST
+    tmp = p.with_name(f".{p.name}.tmp")
+    tmp.write_text(m.dumps())
+    os.replace(tmp, p)
+
+
+def read(folder: str | Path) -> Manifest:
+    """``folder/manifest.json`` as a :class:`Manifest`; :class:`ManifestError` when missing or unreadable."""
+    p = Path(folder) / layout.MANIFEST
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise ManifestError(f"{p}: cannot read it ({e.strerror})") from None
+    return Manifest.loads(text, str(p))
+
+
+def is_complete(folder: str | Path) -> bool:
+    return (Path(folder) / layout.SUCCESS).exists() and (Path(folder) / layout.MANIFEST).exists()
+
+
+def open_featurized(folder: str | Path) -> Manifest:
+    """The manifest of a complete featurized output (``_SUCCESS`` present), else :class:`ManifestError`."""
+    if not is_complete(folder):
+        raise ManifestError(f"{folder}: not a complete featurized output (no {layout.SUCCESS} or {layout.MANIFEST}); "
+                            "run jobs/featurize.py first")
+    return read(folder)
+
+
+# --- dataclass <-> JSON ------------------------------------------------------------------------------
+
+def _encode(x: Any) -> Any:
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        return {f.name: _encode(getattr(x, f.name)) for f in dataclasses.fields(x)}
+    if isinstance(x, Mapping):
+        return {str(k): _encode(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_encode(v) for v in x]
+    return x
+
+
+def _decode(tp: Any, v: Any, where: str) -> Any:
+    """JSON value ``v`` as type ``tp`` (the dataclasses above, tuples, mappings, unions with None)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any or tp is FeatureContract:
+        return v
+    if origin in (typing.Union, types.UnionType):
+        if v is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _decode(inner, v, where)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(v, Mapping):
+            raise TypeError(f"{tp.__name__}: expected an object, got {v!r}")
+        hints = typing.get_type_hints(tp)
+        kwargs = {}
+        for f in dataclasses.fields(tp):
+            if f.name in v:
+                kwargs[f.name] = _decode(hints[f.name], v[f.name], where)
+            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise KeyError(f"{tp.__name__}.{f.name}")
+        return tp(**kwargs)
+    if origin is tuple:
+        return tuple(_decode(args[0], x, where) for x in v)
+    if origin in (collections.abc.Mapping, dict) or tp is dict:
+        kt, vt = args if args else (str, Any)
+        return {k: _decode(vt, x, where) for k, x in v.items()}
+    if tp is float:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise TypeError(f"expected a number, got {v!r}")
+        return float(v)
+    if tp in (int, str, bool):
+        if not isinstance(v, tp) or (tp is int and isinstance(v, bool)):
+            raise TypeError(f"expected {tp.__name__}, got {v!r}")
+        return v
+    return v
+
+
+__all__ = ["MANIFEST_VERSION", "SPLITS", "LABEL_COLUMN", "ManifestError", "FieldInfo", "Vocabulary",
+           "SamplingInfo", "Counts", "SplitInfo", "Rejects", "InputInfo", "Manifest", "fields_of",
+           "write", "read", "is_complete", "open_featurized"]
