@@ -35,38 +35,10 @@ import torch.distributed as dist
 from deepfm import inputs, sharded
 from deepfm.cluster import Cluster, init_cluster, resolve_bf16, shutdown
 from deepfm.model import predict_proba
-from deepfm.trainconf import DEFAULT_TRAIN_CONFIG, TrainConfig, TrainConfigError, load_train_config
+from deepfm.trainconf import TrainConfig, TrainConfigError, parse_args
 from pipeline import metrics as M
 
 log = logging.getLogger("deepfm.train")
-
-
-def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, TrainConfig]:
-    p = argparse.ArgumentParser(prog="torchrun deepfm/train.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", required=True, help="featurized output (jobs/featurize.py)")
-    p.add_argument("--out", required=True, help="run folder: checkpoints, metrics.json, tensorboard/")
-    p.add_argument("--config", default=str(DEFAULT_TRAIN_CONFIG), help="training settings (conf/train.yaml)")
-    p.add_argument("--model", choices=["deepfm", "fm", "lr", "dnn"])
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int, help="per rank")
-    p.add_argument("--dense-lr", type=float)
-    p.add_argument("--sparse-lr", type=float)
-    p.add_argument("--dropout", type=float)
-    p.add_argument("--hidden", type=lambda s: tuple(int(x) for x in s.split(",")), help="e.g. 400,400,400")
-    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                   help="bf16 autocast for the dense part; default (config bf16: auto): on where the CPU has "
-                        "AVX-512 BF16/AMX or the GPU supports bf16")
-    p.add_argument("--max-steps", type=int, help="stop after this many steps (0 = no limit)")
-    p.add_argument("--eval-every-steps", type=int)
-    p.add_argument("--checkpoint-every-steps", type=int)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--warm-start", help="start from this checkpoint's (or run folder's latest) model weights")
-    p.add_argument("--no-test", action="store_true", help="skip the final test evaluation")
-    p.add_argument("--cpu", action="store_true", help="use the CPU and gloo even when CUDA is present")
-    a = p.parse_args(argv)
-    over = {k: getattr(a, k) for k in ("model", "epochs", "batch_size", "dense_lr", "sparse_lr", "dropout", "hidden",
-                                       "bf16", "max_steps", "eval_every_steps", "checkpoint_every_steps", "seed")}
-    return a, load_train_config(a.config, over)
 
 
 class Evaluator:

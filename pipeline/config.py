@@ -245,7 +245,7 @@ def _typed(tp: Any, v: Any, key: str, base: Path | None, is_path: bool) -> Any:
         raise ConfigError(errors[0] if len(errors) == 1 else
                           f"{key}: expected {' or '.join(_name(a) for a in rest)}, got {_show(v)}")
     if dataclasses.is_dataclass(tp):
-        return build(tp, v, key, base)  # type: ignore[type-var]
+        return build(tp, v, key, base)  # type: ignore[type-var, arg-type]
     if typing.get_origin(tp) is typing.Literal:
         if v not in args:
             raise ConfigError(f"{key}: {v!r} is not one of {', '.join(map(str, args))}")

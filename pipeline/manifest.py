@@ -232,7 +232,7 @@ def _decode(tp: Any, v: Any, where: str) -> Any:
             return None
         (inner,) = [a for a in args if a is not type(None)]
         return _decode(inner, v, where)
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if not isinstance(v, Mapping):
             raise TypeError(f"{tp.__name__}: expected an object, got {v!r}")
         hints = typing.get_type_hints(tp)
