@@ -37,6 +37,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from pipeline import layout
 from pipeline.contract import FeatureContract, load_contract
 
 log = logging.getLogger("pipeline.generate")
@@ -252,7 +253,8 @@ def chunk_plan(rows: int) -> list[int]:
 
 def generate(contract: FeatureContract, out: Path, days: Sequence[int], rows_per_day: int, seed: int,
              workers: int = 1, max_cardinality: int = 2_000_000) -> dict:
-    """Write ``out/day_<N>`` for each day N, ``out/truth/day_<N>.{prob,label}`` and
+    """Write each day N's file (named by the contract's ``source.file_pattern``: ``day_<N>`` for Criteo),
+    ``out/truth/day_<N>.{prob,label}`` and
     ``out/truth/model.json``; returns a summary. Files are written aside and renamed when complete."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "truth").mkdir(exist_ok=True)
@@ -265,8 +267,8 @@ def generate(contract: FeatureContract, out: Path, days: Sequence[int], rows_per
         for day in days:
             plan = [(model, contract.source.delimiter, day, k, n) for k, n in enumerate(chunk_plan(rows_per_day))]
             chunks: Iterator[Chunk] = pool.map(_chunk_job, plan) if pool else map(_chunk_job, plan)
-            final = out / f"day_{day}"
-            tmp = out / f".day_{day}.inprogress"
+            final = out / layout.day_file_name(contract.source.file_pattern, day)
+            tmp = out / f".{final.name}.inprogress"
             positives = 0
             with open(tmp, "wb") as fh, open(out / "truth" / f".day_{day}.prob", "wb") as fp, \
                     open(out / "truth" / f".day_{day}.label", "wb") as fl:
@@ -279,7 +281,7 @@ def generate(contract: FeatureContract, out: Path, days: Sequence[int], rows_per
                 os.replace(out / "truth" / f".day_{day}.{ext}", out / "truth" / f"day_{day}.{ext}")
             os.replace(tmp, final)
             summary["days"][day] = {"rows": rows_per_day, "positives": positives}
-            log.info("day_%d: %d rows, %.1f%% positive", day, rows_per_day, 100 * positives / max(rows_per_day, 1))
+            log.info("%s: %d rows, %.1f%% positive", final.name, rows_per_day, 100 * positives / max(rows_per_day, 1))
     finally:
         if pool:
             pool.shutdown()
