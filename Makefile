@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: demo test test-fast install typecheck bench clean
+.PHONY: demo test test-fast install typecheck clean
 
 install:
 	@bash tools/bootstrap.sh

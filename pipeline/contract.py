@@ -1,8 +1,9 @@
 """The feature contract: one YAML file under conf/ that says which columns mean what.
 
-Both the Spark job (jobs/featurize.py) and the trainer (deepfm/train.py) load the same file through
+The Spark job (jobs/featurize.py), the generator and the online id path load the file through
 :func:`load_contract`, so field names, hash buckets, bucketing rules, embedding dims and the sampling
-rate are written down exactly once. This module imports neither pyspark nor torch.
+rate are written down exactly once; the featurized data's manifest (pipeline.manifest) carries the
+contract on to the trainer, which reads only the manifest. This module imports neither pyspark nor torch.
 
     >>> c = load_contract("conf/criteo.yaml")
     >>> c.field("C1").num_embeddings, c.field("I1").num_embeddings
@@ -434,11 +435,3 @@ def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
             node[p] = value
         else:
             node = node[p]
-
-
-def describe(c: FeatureContract) -> str:
-    """One line per kind, for logs."""
-    def summary(fs: Sequence[Field]) -> str:
-        return ", ".join(f"{f.name}:{f.num_embeddings}x{f.embedding_dim}" for f in fs)
-    return (f"contract {c.name} ({c.fingerprint}): {len(c.continuous)} continuous [{summary(c.continuous)}], "
-            f"{len(c.categorical)} categorical [{summary(c.categorical)}]")
