@@ -1,0 +1,263 @@
+"""The model registry and the run lock.
+
+    registry/
+      v000001/  v000002/   checkpoint/, features/ (what featurize --reuse needs), manifest.json,
+                           metrics.json, train_metrics.json, lineage.json
+      current -> v000002   a symlink, replaced atomically
+      .lock                flock of the running retrain
+
+A version folder is written as ``.vNNNNNN.tmp-<pid>`` and renamed when complete; ``current`` is switched
+only after that. :meth:`Registry.state` is what the retrain plan reads of it.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from pipeline import layout
+from pipeline import manifest as M
+from pipeline.retrain.jsonio import fsync_dir, now, read_json, write_json
+
+CURRENT = "current"
+LOCK = ".lock"
+LINEAGE = "lineage.json"
+CHECKPOINT = "checkpoint"               # a version's model: a copy of the run's latest complete checkpoint
+FEATURES = "features"                   # a version's manifest (+ vocabulary) and _SUCCESS, for --reuse
+VERSION_RE = re.compile(r"^v(\d{6})$")
+PARTIAL_RE = re.compile(r"^\.v\d{6}\.tmp")
+LOCK_MESSAGE = "another retrain run holds the lock"
+
+
+class RegistryError(RuntimeError):
+    pass
+
+
+class LockBusy(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Version:
+    name: str
+    path: Path
+    lineage: Mapping[str, Any]
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.path / CHECKPOINT
+
+    @property
+    def features(self) -> Path:
+        return self.path / FEATURES
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """What decides whether one model's weights can seed another: the model kind and layer widths."""
+
+    model: str | None
+    hidden: tuple[int, ...]
+
+    def __str__(self) -> str:
+        return f"{self.model} {list(self.hidden)}"
+
+
+@dataclass(frozen=True)
+class CurrentModel:
+    """What the registry says about the served version, as the plan needs it."""
+
+    name: str
+    path: Path
+    features: Path
+    checkpoint: Path
+    day: int | None                           # its held-out day
+    contract_fingerprint: str | None
+    feature_fingerprint: str | None
+    architecture: Architecture | None         # None: its checkpoint does not say
+    reusable: bool                            # its features (--reuse) and checkpoint (--warm-start) are complete
+
+
+@dataclass(frozen=True)
+class RegistryState:
+    """The registry (and the run records) as the plan sees them."""
+
+    current: CurrentModel | None = None
+    processed_days: frozenset[int] = frozenset()     # promoted or rejected before, and the current's day
+
+
+class Registry:
+    def __init__(self, root: Path):
+        self.root = root
+
+    def versions(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if VERSION_RE.match(p.name) and p.is_dir())
+
+    def version(self, name: str) -> Version:
+        path = self.root / name
+        lineage = read_json(path / LINEAGE)
+        if not isinstance(lineage, dict):
+            raise RegistryError(f"{path}: not a complete registry version (no readable {LINEAGE})")
+        return Version(name, path, lineage)
+
+    def current_name(self) -> str | None:
+        link = self.root / CURRENT
+        if link.is_symlink():
+            return Path(os.readlink(link)).name
+        if link.is_file():                         # a plain file naming the version also works
+            return link.read_text().strip() or None
+        return None
+
+    def current(self) -> Version | None:
+        name = self.current_name()
+        if name is None:
+            return None
+        if not VERSION_RE.match(name) or not (self.root / name).is_dir():
+            raise RegistryError(f"{self.root / CURRENT} points at {name!r}, which is not a version folder")
+        return self.version(name)
+
+    def state(self, recorded_days: Iterable[int]) -> RegistryState:
+        """The current version as the plan needs it, and every processed day: ``recorded_days`` (from the
+        run records) and the current version's held-out day."""
+        v = self.current()
+        if v is None:
+            return RegistryState(None, frozenset(recorded_days))
+        day = v.lineage.get("day")
+        day = day if isinstance(day, int) else None
+        cur = CurrentModel(
+            name=v.name, path=v.path, features=v.features, checkpoint=v.checkpoint, day=day,
+            contract_fingerprint=v.lineage.get("contract_fingerprint"),
+            feature_fingerprint=v.lineage.get("feature_fingerprint"), architecture=_architecture(v.checkpoint),
+            reusable=M.is_complete(v.features) and layout.is_complete_checkpoint(v.checkpoint))
+        return RegistryState(cur, frozenset(recorded_days) | ({day} if day is not None else set()))
+
+    def next_name(self) -> str:
+        nums = [int(m.group(1)) for p in (self.root.iterdir() if self.root.is_dir() else [])
+                for m in [re.match(r"^\.?v(\d{6})", p.name)] if m]
+        return f"v{max(nums, default=0) + 1:06d}"
+
+    def set_current(self, name: str) -> None:
+        """Point ``current`` at a complete version: a new symlink renamed over the old one (atomic)."""
+        tmp = self.root / f"{CURRENT}.tmp"
+        if tmp.is_symlink() or tmp.exists():
+            tmp.unlink()
+        os.symlink(name, tmp)
+        os.replace(tmp, self.root / CURRENT)
+        fsync_dir(self.root)
+
+    def find_by_run_key(self, key: str) -> Version | None:
+        for name in reversed(self.versions()):
+            try:
+                v = self.version(name)
+            except RegistryError:
+                continue
+            if v.lineage.get("run_key") == key:
+                return v
+        return None
+
+    def publish(self, run_key: str, checkpoint: Path, featurized: Path, manifest: M.Manifest,
+                documents: Mapping[str, Any], lineage: Mapping[str, Any]) -> Version:
+        """Copy a model into a new version folder (complete before it gets its name), then switch
+        ``current`` to it. ``documents`` are JSON files of the version (name -> content); the lineage gets
+        the version's name and ``run_key``, by which a rerun after a kill between the two finds it."""
+        existing = self.find_by_run_key(run_key)
+        if existing is None:
+            name = self.next_name()
+            tmp = self.root / f".{name}.tmp-{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            shutil.copytree(checkpoint, tmp / CHECKPOINT)
+            (tmp / FEATURES).mkdir()
+            shutil.copy2(featurized / layout.MANIFEST, tmp / FEATURES / layout.MANIFEST)
+            if manifest.vocab is not None:
+                shutil.copytree(featurized / manifest.vocab.path, tmp / FEATURES / manifest.vocab.path)
+            (tmp / FEATURES / layout.SUCCESS).write_text("")
+            shutil.copy2(featurized / layout.MANIFEST, tmp / layout.MANIFEST)
+            for file_name, content in documents.items():
+                write_json(tmp / file_name, content)
+            write_json(tmp / LINEAGE, {"version": name, "run_key": run_key, **lineage})
+            fsync_dir(tmp)
+            os.rename(tmp, self.root / name)
+            fsync_dir(self.root)
+            existing = self.version(name)
+        self.set_current(existing.name)
+        return existing
+
+    def remove_partial(self) -> list[str]:
+        """Folders left by a run killed while publishing (``.vNNNNNN.tmp-*``) and a stray current.tmp."""
+        gone: list[str] = []
+        if not self.root.is_dir():
+            return gone
+        for p in self.root.iterdir():
+            if PARTIAL_RE.match(p.name):
+                shutil.rmtree(p, ignore_errors=True)
+                gone.append(p.name)
+        tmp = self.root / f"{CURRENT}.tmp"
+        if tmp.is_symlink() or tmp.exists():
+            tmp.unlink()
+        return gone
+
+    def prune(self, keep: int) -> list[str]:
+        """Delete all but the newest ``keep`` versions; never the current one."""
+        cur = self.current_name()
+        names = self.versions()
+        keep_set = set(names[-keep:]) | ({cur} if cur else set())
+        removed = []
+        for n in names:
+            if n not in keep_set:
+                shutil.rmtree(self.root / n, ignore_errors=True)
+                removed.append(n)
+        return removed
+
+
+def _architecture(checkpoint: Path) -> Architecture | None:
+    """The model kind and widths a checkpoint was trained with (its meta.json's training config)."""
+    meta = read_json(checkpoint / layout.CHECKPOINT_META)
+    c = meta.get("config") if isinstance(meta, dict) else None
+    if not isinstance(c, dict):
+        return None
+    return Architecture(c.get("model"), tuple(c.get("hidden") or ()))
+
+
+class RunLock:
+    """fcntl.flock on registry/.lock, non-blocking; released when this process ends, however it ends.
+    Child processes do not inherit it (subprocess closes other descriptors)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.fd: int | None = None
+
+    def acquire(self) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = ""
+            try:
+                holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
+            except OSError:
+                pass
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise LockBusy(f"{LOCK_MESSAGE} ({self.path}{': ' + holder if holder else ''}); "
+                               "not starting a second one") from None
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} since {now()}\n".encode(), 0)
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            try:
+                os.ftruncate(self.fd, 0)
+                fcntl.flock(self.fd, fcntl.LOCK_UN)
+            finally:
+                os.close(self.fd)
+                self.fd = None

@@ -1,0 +1,381 @@
+"""Carry out one retrain run: see (raw days, registry, run records), decide (:func:`make_plan`), act.
+
+Acting on a plan: featurize the window (spark-submit jobs/featurize.py), train a candidate (torchrun
+deepfm/train.py), evaluate the current model on the same held-out day (python -m deepfm.evaluate), gate,
+publish, prune, and record every step. Every finished step of a plan is reused by a rerun of the same
+plan (the work folder is named after the plan's key). This module does the printing.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sys
+import traceback
+from pathlib import Path
+from typing import Any, Sequence
+
+from pipeline import layout
+from pipeline import manifest as M
+from pipeline.contract import ContractError, load_contract
+from pipeline.retrain.config import ROOT, RetrainConfig, trainer_args
+from pipeline.retrain.days import scan_days
+from pipeline.retrain.gate import describe as describe_gate, fmt, gate
+from pipeline.retrain.jsonio import now, read_json, write_json
+from pipeline.retrain.plan import Nothing, Plan, PlanError, cold_after_featurize, make_plan
+from pipeline.retrain.procs import (Interrupted, StepError, child_env, find_tool, kill_stale, quote, run_child)
+from pipeline.retrain.records import RunRecord, RunRecords
+from pipeline.retrain.registry import (CURRENT, LOCK, LockBusy, Registry, RegistryError, RegistryState, RunLock,
+                                       Version)
+
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_LOCKED = 0, 1, 2, 3
+
+# the work folder: days/day_<N>-<plan key>/{plan.json, featurized/, train/, train.done, eval_current.json}
+DAYS = "days"
+PLAN_FILE = "plan.json"
+FEATURIZED = "featurized"
+TRAIN_RUN = "train"
+TRAIN_DONE = "train.done"
+EVAL_CURRENT = "eval_current.json"
+
+
+class Run:
+    def __init__(self, cfg: RetrainConfig, day: int | None = None, refit: bool = False, force: bool = False):
+        self.cfg = cfg
+        self.day = day
+        self.refit = refit
+        self.force = force
+        self.registry = Registry(cfg.registry_dir)
+        self.records = RunRecords(cfg.work_dir / "runs")
+        self.record = RunRecord(self.records.root, cfg.path)
+        self.step = "start"
+        self.env = child_env()
+
+    # -- see and decide -----------------------------------------------------------------------------
+    def decide(self) -> tuple[Plan | Nothing, RegistryState]:
+        cfg = self.cfg
+        contract = load_contract(cfg.contract)
+        if contract.source.day_from != "file_name":
+            raise StepError("find_days", f"{cfg.contract}: retraining needs one file per day (source.day_from: "
+                                         "file_name)")
+        scan = scan_days(cfg.raw_dir, contract.source.file_pattern, cfg.completeness, cfg.stable_seconds)
+        state = self.registry.state(self.records.processed_days())
+        try:
+            return make_plan(scan, state, cfg, contract.fingerprint, self.day, self.refit, self.force), state
+        except PlanError as e:
+            raise StepError("find_days", str(e)) from None
+
+    @staticmethod
+    def say_nothing(nothing: Nothing, state: RegistryState) -> None:
+        cur = f" (current model: {state.current.name})" if state.current else " (no current model yet)"
+        print(f"retrain: nothing new: {nothing.reason}{cur}")
+
+    def work_dir(self, plan: Plan) -> Path:
+        return self.cfg.work_dir / DAYS / f"day_{plan.day}-{plan.run_key}"
+
+    # -- the commands -------------------------------------------------------------------------------
+    def featurize_cmd(self, plan: Plan, out: Path) -> list[str]:
+        c = self.cfg
+        cmd = [find_tool("spark-submit", self.env), "--master", c.spark.master, *c.spark.submit_args,
+               str(ROOT / "jobs" / "featurize.py"), "--input", str(c.raw_dir), "--output", str(out),
+               "--config", plan.contract, "--days", f"{plan.first}-{plan.last}",
+               "--valid-days", str(plan.valid_days), "--test-days", str(plan.test_days)]
+        if plan.reuse:
+            cmd += ["--reuse", plan.reuse]
+        if plan.neg_sample_rate is not None:
+            cmd += ["--neg-sample-rate", repr(plan.neg_sample_rate)]
+        return cmd + [*plan.featurize_args, "--overwrite"]
+
+    def train_cmd(self, data: Path, run_dir: Path, warm_from: str | None) -> list[str]:
+        t = self.cfg.train
+        return [find_tool("torchrun", self.env), "--standalone", f"--nproc_per_node={t.nproc}",
+                str(ROOT / "deepfm" / "train.py"), "--data", str(data), "--out", str(run_dir), *trainer_args(t),
+                *(["--warm-start", warm_from] if warm_from else []), *t.extra_args]
+
+    @staticmethod
+    def evaluate_cmd(version: Version, data: Path, out: Path) -> list[str]:
+        return [sys.executable, "-m", "deepfm.evaluate", "--run", str(version.path), "--checkpoint",
+                str(version.checkpoint), "--data", str(data), "--split", "test", "--json", str(out)]
+
+    # -- the dry run --------------------------------------------------------------------------------
+    def dry_run(self) -> int:
+        """Print what a run would do now; change nothing (no lock, no folders)."""
+        try:
+            outcome, state = self.decide()
+            if isinstance(outcome, Nothing):
+                self.say_nothing(outcome, state)
+            else:
+                self.describe(outcome)
+            return EXIT_OK
+        except (StepError, RegistryError, OSError, ValueError) as e:
+            print(f"retrain (dry run): error: {e}", file=sys.stderr)
+            return EXIT_FAILED
+
+    def describe(self, plan: Plan) -> None:
+        day_dir = self.work_dir(plan)
+        feat, run_dir = day_dir / FEATURIZED, day_dir / TRAIN_RUN
+        resume = layout.latest_checkpoint(run_dir)
+        print(f"retrain (dry run): would process day {plan.day}: {plan.window_text()}; {plan.start_text()}")
+        print(f"  work folder: {day_dir}" + (" (exists: its finished steps would be reused)" if day_dir.exists() else ""))
+        print(f"  1. featurize{' (already complete, reused)' if M.is_complete(feat) else ''}: "
+              f"{quote(self.featurize_cmd(plan, feat))}")
+        print(f"  2. train{f' (resumes from {resume})' if resume else ''}: "
+              f"{quote(self.train_cmd(feat, run_dir, plan.warm_start_from))}")
+        if plan.parent:
+            print(f"  3. evaluate current {plan.parent} on the same test day: "
+                  f"{quote(self.evaluate_cmd(self.registry.version(plan.parent), feat, day_dir / EVAL_CURRENT))}")
+        else:
+            print("  3. no current model to compare with")
+        print(f"  4. gate: {describe_gate(self.cfg.gate, plan.parent is not None)}")
+        print(f"  5. if it passes: {self.cfg.registry_dir / self.registry.next_name()}, then "
+              f"{self.cfg.registry_dir / CURRENT} -> it; keep the last {self.cfg.keep_versions} version(s)")
+
+    # -- the scheduled run --------------------------------------------------------------------------
+    def scheduled(self) -> int:
+        """Take the lock, then see, decide and act; SIGTERM/SIGHUP stop the step and are recorded."""
+        self.cfg.registry_dir.mkdir(parents=True, exist_ok=True)
+        lock = RunLock(self.cfg.registry_dir / LOCK)
+        try:
+            lock.acquire()
+        except LockBusy as e:
+            print(f"retrain: error: {e}", file=sys.stderr)
+            return EXIT_LOCKED
+        old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)}
+
+        def on_signal(signum: int, frame: Any) -> None:
+            raise Interrupted(signum)
+        for s in old:
+            signal.signal(s, on_signal)
+        try:
+            return self._locked()
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+            lock.release()
+
+    def _locked(self) -> int:
+        try:
+            self.step = "find_days"
+            self.registry.remove_partial()
+            self.records.mark_interrupted(self.record.run_id)
+            outcome, state = self.decide()
+            if isinstance(outcome, Nothing):
+                self.say_nothing(outcome, state)
+                return EXIT_OK
+            return self._execute(outcome)
+        except StepError as e:
+            return self._fail(e.step, str(e))
+        except (Interrupted, KeyboardInterrupt) as e:
+            signum = e.signum if isinstance(e, Interrupted) else int(signal.SIGINT)
+            self._fail(self.step, f"interrupted by signal {signal.Signals(signum).name}")
+            return 128 + signum
+        except (ContractError, RegistryError, M.ManifestError) as e:      # bad contract, registry, data
+            return self._fail(self.step, str(e))
+        except (OSError, ValueError) as e:
+            return self._fail(self.step, f"{type(e).__name__}: {e}")
+        except Exception as e:                          # a bug: still a record and a clear message
+            return self._fail(self.step, f"{type(e).__name__}: {e}", traceback.format_exc())
+
+    def _fail(self, step: str, message: str, tb: str | None = None) -> int:
+        self.record.update(status="failed", decision="failed", failed_step=step, error=message, finished=now(),
+                           **({"traceback": tb} if tb else {}))
+        print(f"retrain: error: step {step!r} failed: {message} (run record {self.record.path})", file=sys.stderr)
+        return EXIT_FAILED
+
+    def _begin(self, step: str) -> None:
+        self.step = step
+        self.record.begin(step)
+
+    def _child(self, step: str, cmd: list[str], timeout_key: str, error_prefixes: Sequence[str]) -> float:
+        log = self.record.log_dir / f"{step}.log"
+        self.record.step(step, command=quote(cmd), log=str(log))
+        print(f"retrain: {step}: {quote(cmd)}", flush=True)
+        return run_child(step, cmd, log=log, env=self.env, timeout=getattr(self.cfg.timeouts, timeout_key),
+                         timeout_key=f"timeouts.{timeout_key}", error_prefixes=error_prefixes)
+
+    # -- acting on the plan -------------------------------------------------------------------------
+    def _execute(self, plan: Plan) -> int:
+        day_dir, resumed = self._open_work_dir(plan)
+        self.record.update(day=plan.day, window={"first": plan.first, "last": plan.last, "days": list(plan.days),
+                                                 "splits": {k: list(v) for k, v in plan.splits.items()}},
+                           parent=plan.parent, warm_start=plan.warm_start, start="warm" if plan.warm_start else "cold",
+                           cold_start_reason=plan.cold_start_reason, run_key=plan.run_key, work_dir=str(day_dir),
+                           resumed_work_dir=resumed)
+        print(f"retrain: day {plan.day}: {plan.window_text()}; {plan.start_text()}"
+              + (f"; resuming {day_dir}" if resumed else ""), flush=True)
+        feat, manifest = self._featurize(plan, day_dir)
+        warm_from = plan.warm_start_from
+        cold = cold_after_featurize(plan, manifest.feature_fingerprint)
+        if cold is not None:
+            warm_from = None
+            self.record.update(warm_start=False, start="cold", cold_start_reason=cold)
+        run_dir, ckpt, train_metrics = self._train(day_dir, feat, warm_from)
+        candidate = train_metrics.get("test") or {}
+        self.record.update(candidate_metrics=candidate)
+        current_metrics = self._evaluate_current(plan, day_dir, feat, manifest)
+
+        self._begin("gate")
+        passed, checks = gate(candidate, current_metrics, self.cfg.gate)
+        self.record.update(gate={"passed": passed, "checks": checks})
+        self.record.step("gate", status="passed" if passed else "rejected")
+        version = None
+        if passed:
+            self._begin("publish")
+            version = self._publish(plan, feat, manifest, run_dir, ckpt, train_metrics, checks, warm_from)
+            self.record.step("publish", status="done", version=version.name)
+        self._finish(plan, day_dir, version, warm_from, checks)
+        return EXIT_OK
+
+    def _open_work_dir(self, plan: Plan) -> tuple[Path, bool]:
+        """The plan's work folder (and whether it existed: its finished steps are reused)."""
+        day_dir = self.work_dir(plan)
+        resumed = day_dir.exists()
+        day_dir.mkdir(parents=True, exist_ok=True)
+        want = {**plan.to_json(), "run_key": plan.run_key}
+        saved = read_json(day_dir / PLAN_FILE)
+        if saved is not None and saved != want:            # cannot happen with the key in the name
+            shutil.rmtree(day_dir)
+            day_dir.mkdir(parents=True)
+            resumed = False
+        write_json(day_dir / PLAN_FILE, want)
+        return day_dir, resumed
+
+    def _featurize(self, plan: Plan, day_dir: Path) -> tuple[Path, M.Manifest]:
+        self._begin("featurize")
+        feat = day_dir / FEATURIZED
+        try:
+            manifest = M.open_featurized(feat)
+            self.record.step("featurize", status="reused", output=str(feat))
+        except M.ManifestError:
+            for stale in day_dir.glob(f"{FEATURIZED}.__*"):      # a killed job's staging folder
+                shutil.rmtree(stale, ignore_errors=True)
+            secs = self._child("featurize", self.featurize_cmd(plan, feat), "featurize",
+                               ["featurize: error:", "Error:", "Exception"])
+            self.record.step("featurize", status="done", seconds=secs, output=str(feat))
+            try:
+                manifest = M.open_featurized(feat)
+            except M.ManifestError as e:
+                raise StepError("featurize", str(e)) from None
+        test_days = list(manifest.splits["test"].days)
+        if test_days != [plan.day]:
+            raise StepError("featurize", f"{feat}: test days {test_days}, expected [{plan.day}]")
+        self.record.update(feature_fingerprint=manifest.feature_fingerprint, splits={
+            s: {"days": list(x.days), "rows": x.rows, "positives": x.positives} for s, x in manifest.splits.items()})
+        self.record.step("featurize", finished=now())
+        return feat, manifest
+
+    def _train(self, day_dir: Path, feat: Path, warm_from: str | None) -> tuple[Path, Path, dict]:
+        """Train the candidate (a relaunch on the same run folder resumes from its latest complete
+        checkpoint); its run folder, checkpoint and metrics.json."""
+        self._begin("train")
+        run_dir, done = day_dir / TRAIN_RUN, day_dir / TRAIN_DONE
+        if done.exists() and (run_dir / layout.METRICS).exists():
+            self.record.step("train", status="reused", run_dir=str(run_dir))
+        else:
+            resume_from = layout.latest_checkpoint(run_dir)
+            kill_stale(["--out", str(run_dir)])                    # workers of a run that was killed
+            self.record.step("train", resumed=resume_from is not None,
+                             resumed_from=str(resume_from) if resume_from else None, warm_start_from=warm_from)
+            secs = self._child("train", self.train_cmd(feat, run_dir, warm_from), "train", ["train: error:", "Error:"])
+            done.write_text(now() + "\n")
+            self.record.step("train", status="done", seconds=secs, run_dir=str(run_dir))
+        metrics = read_json(run_dir / layout.METRICS)
+        ckpt = layout.latest_checkpoint(run_dir)
+        if not isinstance(metrics, dict) or ckpt is None:
+            raise StepError("train", f"{run_dir}: no {layout.METRICS} or no complete checkpoint after training")
+        self.record.step("train", checkpoint=str(ckpt), global_step=metrics.get("global_step"), finished=now())
+        return run_dir, ckpt, metrics
+
+    def _evaluate_current(self, plan: Plan, day_dir: Path, feat: Path, manifest: M.Manifest) -> dict | None:
+        """The current model's metrics on the same held-out rows, or None when there is none or it cannot
+        read the new features."""
+        self._begin("evaluate_current")
+        metrics: dict | None = None
+        fp = manifest.feature_fingerprint
+        if plan.parent is None:
+            self.record.step("evaluate_current", status="skipped", reason="no current model")
+        elif plan.parent_feature_fingerprint != fp:
+            self.record.step("evaluate_current", status="skipped",
+                             reason=f"{plan.parent} was trained on features {plan.parent_feature_fingerprint}, the "
+                                    f"new ones are {fp}: it cannot score them; absolute checks only")
+        else:
+            out = day_dir / EVAL_CURRENT
+            metrics = read_json(out)
+            if isinstance(metrics, dict) and "auc" in metrics:
+                self.record.step("evaluate_current", status="reused")
+            else:
+                tmp = day_dir / f".{EVAL_CURRENT}.tmp"
+                cmd = self.evaluate_cmd(self.registry.version(plan.parent), feat, tmp)
+                secs = self._child("evaluate_current", cmd, "evaluate", ["evaluate: error:", "Error:"])
+                os.replace(tmp, out)
+                metrics = read_json(out)
+                self.record.step("evaluate_current", status="done", seconds=secs)
+        self.record.update(current_metrics=metrics)
+        self.record.step("evaluate_current", finished=now())
+        return metrics
+
+    def _publish(self, plan: Plan, feat: Path, manifest: M.Manifest, run_dir: Path, ckpt: Path, train_metrics: dict,
+                 checks: list[dict], warm_from: str | None) -> Version:
+        r = self.record.data
+        s = plan.splits
+        lineage = {
+            "parent": plan.parent, "created": now(), "run_id": self.record.run_id, "day": plan.day,
+            "window": [plan.first, plan.last], "days_trained": list(s["train"]), "valid_days": list(s["valid"]),
+            "test_days": list(s["test"]), "featurized": str(feat), "run_dir": str(run_dir),
+            "checkpoint_source": str(ckpt), "global_step": train_metrics.get("global_step"),
+            "warm_start": warm_from is not None, "warm_started_from": plan.parent if warm_from else None,
+            "cold_start_reason": None if warm_from else r.get("cold_start_reason"),
+            "feature_fingerprint": manifest.feature_fingerprint, "contract_fingerprint": manifest.contract_fingerprint,
+            "contract": plan.contract, "train": plan.train,
+        }
+        documents = {"train_metrics.json": train_metrics,
+                     "metrics.json": {"test": r["candidate_metrics"], "current_on_same_rows": r["current_metrics"],
+                                      "gate": checks, "test_day": plan.day}}
+        return self.registry.publish(plan.run_key, ckpt, feat, manifest, documents, lineage)
+
+    def _finish(self, plan: Plan, day_dir: Path, version: Version | None, warm_from: str | None,
+                checks: list[dict]) -> None:
+        self.step = "prune"
+        removed = self.registry.prune(self.cfg.keep_versions)
+        self.record.update(pruned_versions=removed, pruned_work_dirs=self._prune_work(day_dir))
+        candidate, current = self.record.data["candidate_metrics"], self.record.data["current_metrics"]
+        if version is not None:
+            self.record.finish(status="promoted", decision="promoted", version=version.name, reason=None)
+            vs = f" vs current {fmt(current.get('auc'))}" if current else ""
+            msg = (f"retrain: day {plan.day}: promoted {version.name} "
+                   f"({f'warm start from {plan.parent}' if warm_from else 'cold start'}; test AUC "
+                   f"{fmt(candidate.get('auc'))}{vs}, logloss {fmt(candidate.get('logloss'))}, "
+                   f"calibration {fmt(candidate.get('calibration'))})")
+        else:
+            reasons = "; ".join(c["detail"] for c in checks if not c["passed"])
+            cur = self.registry.current_name()
+            self.record.finish(status="kept_current", decision="kept_current", version=cur, reason=reasons)
+            msg = f"retrain: day {plan.day}: kept current {cur or '(none)'}: the candidate was rejected: {reasons}"
+        print(msg)
+        print(f"retrain: run record {self.record.path}")
+
+    def _prune_work(self, keep_dir: Path) -> list[str]:
+        """Delete per-day work folders that no kept version refers to (its featurized data), except this
+        run's."""
+        root = self.cfg.work_dir / DAYS
+        referenced = {keep_dir.resolve()}
+        for n in self.registry.versions():
+            try:
+                feat = self.registry.version(n).lineage.get("featurized")
+            except RegistryError:
+                continue
+            if feat:
+                referenced.add(Path(feat).resolve().parent)
+        removed = []
+        for d in sorted(root.iterdir()) if root.is_dir() else []:
+            if d.is_dir() and d.resolve() not in referenced:
+                shutil.rmtree(d, ignore_errors=True)
+                removed.append(d.name)
+        return removed
+
+
+def run(cfg: RetrainConfig, day: int | None = None, refit: bool = False, force: bool = False,
+        dry_run: bool = False) -> int:
+    """One retrain run (or, ``dry_run``, what it would do); the exit code."""
+    r = Run(cfg, day=day, refit=refit, force=force)
+    return r.dry_run() if dry_run else r.scheduled()
