@@ -1,8 +1,10 @@
 """python -m pipeline.retrain: config, day selection, gate, lock, and scheduled runs end to end.
 
-The end-to-end tests share one raw folder, work folder and registry and run in file order, as a
-scheduler would: days arrive one after another, a run is killed during training and rerun, a rerun
-finds nothing new, and a day with garbage labels is rejected by the gate.
+The end-to-end tests share one raw folder, work folder and registry, as a scheduler would: days arrive
+one after another, a run is killed during training and rerun, a rerun finds nothing new, and a day with
+garbage labels is rejected by the gate. Each test asks the shared schedule for the stage it starts from
+(``sched.at``), so each passes alone or in any order; the plan itself is tested on hand-made states in
+tests/test_retrain_plan.py.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ import psutil
 import pytest
 import yaml
 
+from deepfm.trainconf import load_train_config
 from pipeline import retrain as R
 from tests.conftest import ROOT, SMALL
 
@@ -122,6 +125,56 @@ def test_bad_config_values_are_refused(tmp_path: Path):
             R.load_config(conf)
 
 
+# conf/retrain.yaml's keys that are this deployment's own rather than restated defaults: where the data
+# lives, the machine's size, and the trainer setting retraining sets on purpose (one epoch a run)
+DEPLOYMENT = {"raw_dir", "work_dir", "registry_dir", "spark.submit_args", "train.nproc", "train.epochs"}
+
+
+def _keys(raw: dict, prefix: str = "") -> list[str]:
+    return [k for key, v in raw.items()
+            for k in (_keys(v, f"{prefix}{key}.") if isinstance(v, dict) else [f"{prefix}{key}"])]
+
+
+def _default(obj: object, name: str):
+    f = next(f for f in dataclasses.fields(obj) if f.name == name)  # type: ignore[arg-type]
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+
+
+def test_the_shipped_config_restates_no_default_differently():
+    path = ROOT / "conf" / "retrain.yaml"
+    keys = _keys(yaml.safe_load(path.read_text()))
+    assert DEPLOYMENT <= set(keys)
+    shipped, trainer = R.load_config(path), load_train_config(None)
+    for key in set(keys) - DEPLOYMENT:
+        section, _, name = key.rpartition(".")
+        obj = getattr(shipped, section) if section else shipped
+        if section == "train" and name in shipped.train.settings:        # a trainer setting: conf/train.yaml's
+            assert shipped.train.settings[name] == getattr(trainer, name), key
+        else:
+            assert getattr(obj, name) == _default(obj, name), key
+
+
+@pytest.mark.parametrize("train, msg", [
+    ({"dropout": 1.5}, "train.dropout: 1.5 is not in [0.0, 1.0)"),
+    ({"extra_args": ["--modle", "fm"]}, "train.extra_args: torchrun deepfm/train.py: unrecognized arguments: --modle fm"),
+    ({"extra_args": ["--dropout", "2"]}, "train.extra_args: dropout: 2.0 is not in [0.0, 1.0)"),
+    ({"weight_decay": 0.1}, "train.weight_decay: deepfm/train.py takes no flag for it"),
+    ({"extra_args": ["--out", "x"]}, "train.extra_args: --data, --out, --warm-start are set by retraining")])
+def test_bad_train_settings_are_refused_by_the_trainer_before_any_step(tmp_path: Path, train: dict, msg: str):
+    conf = write_conf(tmp_path, train=train)
+    (tmp_path / "raw").mkdir()
+    r = retrain(conf)
+    assert r.returncode == R.EXIT_CONFIG and msg in r.stderr, r.stderr
+    assert not (tmp_path / "work").exists() and not (tmp_path / "registry").exists()
+
+
+def test_the_trainer_settings_come_from_the_trainers_own_parser(tmp_path: Path):
+    c = R.load_config(write_conf(tmp_path, train={"hidden": [32, 32], "extra_args": ["--model", "fm"]}))
+    assert (c.trainer.model, c.trainer.hidden) == ("fm", (32, 32))
+    assert c.trainer.dropout == load_train_config(None).dropout
+    assert dict(c.train.settings) == {"hidden": (32, 32)} and c.train.extra_args == ("--model", "fm")
+
+
 def test_scan_days_by_marker_and_by_stable_size(tmp_path: Path):
     for d in (0, 1, 2):
         (tmp_path / f"day_{d}").write_text("x\n")
@@ -135,6 +188,14 @@ def test_scan_days_by_marker_and_by_stable_size(tmp_path: Path):
     os.utime(tmp_path / "day_0", (now - 100, now - 100))
     s = R.scan_days(tmp_path, r"day_(\d+)(\.gz)?$", "stable_seconds", 60, now=now)
     assert s.complete == (0,) and set(s.incomplete) == {1, 2}
+
+
+def test_scan_days_names_markers_from_the_contract_pattern(tmp_path: Path):
+    for d in (3, 12):
+        (tmp_path / f"log-{d}.tsv").write_text("x\n")
+    (tmp_path / "log-12.tsv.done").write_text("")
+    s = R.scan_days(tmp_path, r"^log-(\d+)\.tsv$", "marker", 0)
+    assert s.complete == (12,) and s.incomplete == {3: "no marker log-3.tsv.done"}
 
 
 def test_gate_checks():
@@ -203,7 +264,7 @@ def test_deploy_files_call_the_same_command():
     tree = ast.parse(dag)
     assert COMMAND in dag and "BashOperator" in dag
     assert sum(isinstance(n, ast.Call) and getattr(n.func, "id", "") == "BashOperator" for n in ast.walk(tree)) == 1
-    for py in [*ROOT.glob("pipeline/*.py"), *ROOT.glob("jobs/*.py"), *ROOT.glob("deepfm/*.py"),
+    for py in [*ROOT.glob("pipeline/**/*.py"), *ROOT.glob("jobs/*.py"), *ROOT.glob("deepfm/*.py"),
                *ROOT.glob("benchmarks/*.py")]:       # Airflow is for the DAG file alone
         assert not any(isinstance(n, (ast.Import, ast.ImportFrom)) and "airflow" in ast.dump(n)
                        for n in ast.walk(ast.parse(py.read_text()))), py
@@ -226,18 +287,57 @@ def test_a_failed_step_is_named_and_recorded(tmp_path: Path):
     assert current(tmp_path / "registry") is None and not list((tmp_path / "registry").glob("v*"))
 
 
-# --- slow: scheduled runs end to end (in file order, sharing one registry) ------------------------
+# --- slow: scheduled runs end to end (sharing one registry) ----------------------------------------
+
+class Schedule:
+    """The scheduled runs' raw folder, work folder and registry, and the stage the schedule has reached:
+    0 nothing yet; 1 v000001 promoted from day 1 (trained on day 0); 2 v000002 promoted from day 2;
+    3 day 3 rejected. A test asks for the stage it starts from (:meth:`at`); the stages before it are
+    run first, and a schedule past it (or left by a test that failed half-way) is started afresh in a
+    new folder. A test that completes says which stage it leaves (:meth:`reached`)."""
+
+    def __init__(self, factory: pytest.TempPathFactory):
+        self.factory = factory
+        self.stage = -1
+        self.paths: dict[str, Path] = {}
+
+    def __getitem__(self, key: str) -> Path:
+        return self.paths[key]
+
+    def at(self, stage: int) -> None:
+        if not 0 <= self.stage <= stage:
+            base = self.factory.mktemp("sched")
+            (base / "raw").mkdir()
+            self.paths = {"base": base, "conf": write_conf(base), "raw": base / "raw", "reg": base / "registry",
+                          "work": base / "work"}
+            self.stage = 0
+        while self.stage < stage:
+            self._advance()
+        self.stage = -1                          # until the test says where it left the schedule
+
+    def reached(self, stage: int) -> None:
+        self.stage = stage
+
+    def _advance(self) -> None:
+        """What the tests of the next stage do, without their checks."""
+        if self.stage == 0:
+            add_day(self["raw"], 0)
+            add_day(self["raw"], 1)
+        else:
+            add_day(self["raw"], self.stage + 1)
+        r = retrain(self["conf"])
+        assert r.returncode == 0 and f"promoted v{self.stage + 1:06d}" in r.stdout, r.stdout + r.stderr
+        self.stage += 1
+
 
 @pytest.fixture(scope="module")
-def sched(tmp_path_factory) -> dict:
-    base = tmp_path_factory.mktemp("sched")
-    (base / "raw").mkdir()
-    return {"base": base, "conf": write_conf(base), "raw": base / "raw", "reg": base / "registry",
-            "work": base / "work"}
+def sched(tmp_path_factory: pytest.TempPathFactory) -> Schedule:
+    return Schedule(tmp_path_factory)
 
 
 @pytest.mark.slow
-def test_first_run_trains_from_scratch_and_promotes(sched: dict):
+def test_first_run_trains_from_scratch_and_promotes(sched: Schedule):
+    sched.at(0)
     add_day(sched["raw"], 0)
     r = retrain(sched["conf"])
     assert r.returncode == 0 and "nothing new" in r.stdout and "at least one train day" in r.stdout, r.stderr
@@ -256,10 +356,12 @@ def test_first_run_trains_from_scratch_and_promotes(sched: dict):
     assert rec["status"] == "promoted" and rec["start"] == "cold" and rec["version"] == "v000001"
     assert rec["steps"]["evaluate_current"]["status"] == "skipped"
     assert all(c["passed"] for c in rec["gate"]["checks"])
+    sched.reached(1)
 
 
 @pytest.mark.slow
-def test_a_run_killed_in_training_leaves_current_and_the_rerun_resumes_warm(sched: dict, tmp_path: Path):
+def test_a_run_killed_in_training_leaves_current_and_the_rerun_resumes_warm(sched: Schedule, tmp_path: Path):
+    sched.at(1)
     add_day(sched["raw"], 2)
     log = open(tmp_path / "log", "w")
     p = subprocess.Popen([sys.executable, "-m", "pipeline.retrain", "--config", str(sched["conf"])], cwd=ROOT,
@@ -304,10 +406,12 @@ def test_a_run_killed_in_training_leaves_current_and_the_rerun_resumes_warm(sche
         "feature_fingerprint"]
     killed = [json.loads(x.read_text()) for x in (sched["work"] / "runs").glob("*-day2.json")]
     assert sorted(k["status"] for k in killed) == ["interrupted", "promoted"]
+    sched.reached(2)
 
 
 @pytest.mark.slow
-def test_a_rerun_after_success_finds_nothing_new(sched: dict):
+def test_a_rerun_after_success_finds_nothing_new(sched: Schedule):
+    sched.at(2)
     before = sorted(x.name for x in sched["reg"].glob("v*"))
     r = retrain(sched["conf"])
     assert r.returncode == 0 and "nothing new" in r.stdout, r.stdout + r.stderr
@@ -329,10 +433,12 @@ def test_a_rerun_after_success_finds_nothing_new(sched: dict):
     r = retrain(conf, "--day", "2", "--force", "--dry-run")
     assert "cold start: the feature contract changed" in r.stdout and "--reuse" not in r.stdout
     assert sorted(x.name for x in sched["reg"].glob("v*")) == before
+    sched.reached(2)
 
 
 @pytest.mark.slow
-def test_a_day_with_garbage_labels_is_rejected_and_current_stays(sched: dict):
+def test_a_day_with_garbage_labels_is_rejected_and_current_stays(sched: Schedule):
+    sched.at(2)
     add_day(sched["raw"], 3, garbage_labels=True)
     r = retrain(sched["conf"])
     assert r.returncode == 0, r.stdout + r.stderr
@@ -346,3 +452,4 @@ def test_a_day_with_garbage_labels_is_rejected_and_current_stays(sched: dict):
     # the day counts as processed: the next run does not try it again
     r = retrain(sched["conf"])
     assert r.returncode == 0 and "nothing new" in r.stdout
+    sched.reached(3)
