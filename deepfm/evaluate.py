@@ -18,23 +18,25 @@ from typing import Sequence
 
 from deepfm import inputs, sharded
 from deepfm.cluster import init_cluster, shutdown
-from deepfm.trainconf import TrainConfigError, load_train_config
+from deepfm.evaluator import Evaluator
+from deepfm.trainconf import TrainConfigError
+from pipeline import layout
 
 log = logging.getLogger("deepfm.evaluate")
 
 
 def evaluate(run: Path, data: Path, split: str, checkpoint: Path | None = None, batch_size: int | None = None,
              cpu: bool = False) -> dict:
-    from deepfm.train import Evaluator
-    ckpt = checkpoint or sharded.latest_checkpoint(run)
+    """The metrics of ``split`` under ``checkpoint`` (a checkpoint folder, or a run folder's latest), else
+    under the run's latest complete checkpoint. The model is built from the settings saved with it."""
+    where = checkpoint if checkpoint is not None else run
+    ckpt = layout.checkpoint_of(where)
     if ckpt is None:
-        raise sharded.CheckpointError(f"{run}: no complete checkpoint")
-    meta = sharded.read_meta(ckpt)
-    cfg = load_train_config(None, meta["config"])
-    if batch_size:
-        cfg = replace(cfg, batch_size=batch_size)
+        raise sharded.CheckpointError(f"{where}: no complete checkpoint")
+    saved = sharded.read_state(ckpt)
+    cfg = replace(saved.config, batch_size=batch_size) if batch_size else saved.config
     ds = inputs.open_dataset(data)
-    if split not in ds.manifest["splits"] or ds.rows(split) == 0:
+    if not ds.has_split(split) or ds.rows(split) == 0:
         raise inputs.DataError(f"{data}: split {split!r} has no rows")
     cluster = init_cluster(force_cpu=cpu)
     try:
@@ -43,7 +45,7 @@ def evaluate(run: Path, data: Path, split: str, checkpoint: Path | None = None, 
         m = Evaluator(t, ds, cfg, cluster).evaluate(split)
     finally:
         shutdown()
-    return {"split": split, "checkpoint": str(ckpt), "global_step": meta["global_step"], **m}
+    return {"split": split, "checkpoint": str(ckpt), "global_step": saved.global_step, **m}
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

@@ -8,7 +8,7 @@ collective calls). Evaluation reads each rank's shard once and says when it is e
 """
 from __future__ import annotations
 
-import json
+import logging
 import queue
 import threading
 import warnings
@@ -19,11 +19,10 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from torchrec.streamable import Pipelineable
 
 from deepfm.model import FieldSpec
-
-MANIFEST = "manifest.json"
-SUCCESS = "_SUCCESS"
+from pipeline.manifest import Manifest, ManifestError, open_featurized
 
 
 class DataError(RuntimeError):
@@ -32,54 +31,73 @@ class DataError(RuntimeError):
 
 @dataclass(frozen=True)
 class Dataset:
-    """The featurized output as the trainer sees it: where, which fields, how many rows."""
+    """The featurized output as the trainer sees it: where, and its manifest (which fields, how many rows)."""
 
     root: Path
-    manifest: dict
+    manifest: Manifest
 
     @property
     def fields(self) -> list[FieldSpec]:
-        return [FieldSpec(f["name"], f["num_embeddings"], f["embedding_dim"]) for f in self.manifest["fields"]]
+        return [FieldSpec(f.name, f.num_embeddings, f.embedding_dim) for f in self.manifest.fields]
 
     @property
     def field_names(self) -> list[str]:
-        return [f["name"] for f in self.manifest["fields"]]
+        return list(self.manifest.field_names)
 
     @property
     def label(self) -> str:
-        return "label"
+        return self.manifest.label_column
 
     @property
     def fingerprint(self) -> str:
-        return self.manifest["feature_fingerprint"]
+        return self.manifest.feature_fingerprint
+
+    @property
+    def contract_fingerprint(self) -> str:
+        return self.manifest.contract_fingerprint
 
     @property
     def neg_sample_rate(self) -> float:
-        return float(self.manifest["sampling"]["neg_sample_rate"])
+        return self.manifest.sampling.neg_sample_rate
+
+    def has_split(self, split: str) -> bool:
+        return split in self.manifest.splits
 
     def rows(self, split: str) -> int:
-        return int(self.manifest["splits"][split]["rows"])
+        return self.manifest.splits[split].rows
 
     def url(self, split: str) -> str:
         return (self.root / split).resolve().as_uri()
 
 
 def open_dataset(path: str | Path) -> Dataset:
-    root = Path(path)
-    if not (root / SUCCESS).exists() or not (root / MANIFEST).exists():
-        raise DataError(f"{root}: not a complete featurized output (no {SUCCESS} or {MANIFEST}); "
-                        "run jobs/featurize.py first")
-    return Dataset(root=root, manifest=json.loads((root / MANIFEST).read_text()))
+    """The featurized output at ``path``; :class:`DataError` when incomplete, unreadable or of another
+    manifest version."""
+    try:
+        return Dataset(root=Path(path), manifest=open_featurized(path))
+    except ManifestError as e:
+        raise DataError(str(e)) from None
 
 
 @dataclass
-class Batch:
+class Batch(Pipelineable):
+    """One step's input. A torchrec ``Pipelineable`` (as ``torchrec.datasets.utils.Batch``), so that
+    ``TrainPipelineSparseDist`` can move it to the device and mark it on its CUDA streams."""
+
     kjt: KeyedJaggedTensor
     labels: torch.Tensor        # [B] float
     valid: int                  # rows that are real (the rest is padding, in evaluation)
 
-    def to(self, device: torch.device) -> "Batch":
-        return Batch(self.kjt.to(device, non_blocking=True), self.labels.to(device, non_blocking=True), self.valid)
+    def to(self, device: torch.device, non_blocking: bool = True) -> "Batch":
+        return Batch(self.kjt.to(device, non_blocking=non_blocking), self.labels.to(device, non_blocking=non_blocking),
+                     self.valid)
+
+    def record_stream(self, stream: torch.Stream) -> None:
+        self.kjt.record_stream(stream)
+        self.labels.record_stream(stream)   # type: ignore[arg-type]
+
+    def pin_memory(self) -> "Batch":
+        return Batch(self.kjt.pin_memory(), self.labels.pin_memory(), self.valid)
 
 
 def to_batch(ids: np.ndarray, labels: np.ndarray, keys: Sequence[str], valid: int | None = None) -> Batch:
@@ -94,12 +112,31 @@ def to_batch(ids: np.ndarray, labels: np.ndarray, keys: Sequence[str], valid: in
     return Batch(kjt, torch.from_numpy(labels.astype(np.float32, copy=False)), b if valid is None else valid)
 
 
+class _PetastormNoise(logging.Filter):
+    """Drops the two INFO lines petastorm's ``petastorm.etl.dataset_metadata`` logger writes every time a
+    reader is made on plain Parquet (not written by petastorm's ``materialize_dataset``): that it found no
+    Unischema in the metadata (it infers one from the Parquet schema, as it should here) and that it reads
+    the row groups from the footers (the featurize job writes no ``_metadata`` summary file). They say
+    nothing about this data, once per split, rank and epoch."""
+
+    NOISE = ("Failed loading Unischema from metadata in ", "Recovering rowgroup information for the entire dataset")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (isinstance(record.msg, str) and record.msg.startswith(self.NOISE))
+
+
+_PETASTORM_METADATA_LOG = logging.getLogger("petastorm.etl.dataset_metadata")
+_NOISE = _PetastormNoise()
+
+
 def _reader(ds: Dataset, split: str, rank: int, world: int, epochs: int | None, seed: int, workers: int):
     from petastorm import make_batch_reader
     # petastorm 0.12 on pyarrow 12 warns about the legacy ParquetDataset API on every row group, from its
     # worker threads: silence exactly those (warnings raised in petastorm's own modules), nothing else.
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"petastorm(\.|$)")
     warnings.filterwarnings("ignore", category=UserWarning, module=r"petastorm\.unischema")
+    if _NOISE not in _PETASTORM_METADATA_LOG.filters:
+        _PETASTORM_METADATA_LOG.addFilter(_NOISE)
     return make_batch_reader(ds.url(split), schema_fields=[ds.label, *ds.field_names], num_epochs=epochs,
                              cur_shard=rank, shard_count=world, shard_seed=None, seed=seed,
                              shuffle_row_groups=epochs is None, reader_pool_type="thread",

@@ -14,22 +14,28 @@ possible). One lookup per field serves both.
 The paper's comparison models come from the same parts switched off: ``lr`` (w0 + first order),
 ``fm`` (+ pairwise), ``dnn`` (deep part only), ``deepfm`` (all).
 
-``forward(kjt, with_l2=True)`` also returns the L2 penalty of the embedding rows the batch looked up,
-per row of the batch (sum over fields of ||V_i||^2 and ||w_i||^2, for the parts the model uses): the
-embedding regulariser of the CTR benchmarks (FuxiCTR's ``embedding_regularizer``, DeepCTR's
+The model returns logits, always one tensor [B]. Training goes through :class:`DeepFMTrain`, the train
+wrapper in the shape of torchrec's ``DLRMTrain`` (torchrec/models/dlrm.py): ``forward(batch) -> (loss,
+(loss, logits, labels))``, which TorchRec's ``TrainPipelineSparseDist`` calls as ``model(batch)``. The
+loss is the log loss plus, when ``embedding_l2`` > 0, the L2 penalty of the embedding rows the batch
+looked up (sum over fields of ||V_i||^2 and ||w_i||^2, for the parts the model uses; mean over rows):
+the embedding regulariser of the CTR benchmarks (FuxiCTR's ``embedding_regularizer``, DeepCTR's
 ``l2_reg_embedding``), applied lazily to the rows a batch touches. It goes into the loss, so it works
 with any sparse optimizer and sharding (FBGEMM's fused CPU Adagrad ignores ``weight_decay``).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+if TYPE_CHECKING:
+    from deepfm.inputs import Batch
 
 FIRST_ORDER_DIM = 4
 PARTS = {"lr": (True, False, False), "fm": (True, True, False), "dnn": (False, False, True),
@@ -99,7 +105,7 @@ class DeepArch(nn.Module):
 
 
 class DeepFM(nn.Module):
-    """The whole model; ``forward(kjt) -> logit [B]``, ``forward(kjt, with_l2=True) -> (logit [B], l2 [B])``."""
+    """The whole model: ``forward(kjt) -> logits [B]``; the parts it uses come from ``kind`` (:data:`PARTS`)."""
 
     def __init__(self, fields: Sequence[FieldSpec], kind: str = "deepfm", hidden: Sequence[int] = (400, 400, 400),
                  dropout: float = 0.5, sparse_device: torch.device | str = "cpu",
@@ -114,8 +120,11 @@ class DeepFM(nn.Module):
         self.fm = FMInteraction()
         self.deep = DeepArch(len(fields) * self.sparse.dim, hidden, dropout, dense_device) if self.use_deep else None
 
-    def forward(self, kjt: KeyedJaggedTensor, with_l2: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        v, w4 = self.sparse(kjt)
+    def forward(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
+        return self.logits(*self.sparse(kjt))
+
+    def logits(self, v: torch.Tensor, w4: torch.Tensor) -> torch.Tensor:
+        """The looked-up V [B, F, D] and first-order parts [B, F, 4] -> logit [B] = w0 + first + FM + deep."""
         logit = self.bias.expand(v.shape[0])
         if self.use_first:
             logit = logit + w4.sum((1, 2))
@@ -123,14 +132,46 @@ class DeepFM(nn.Module):
             logit = logit + self.fm(v)
         if self.deep is not None:
             logit = logit + self.deep(v)
-        if not with_l2:
-            return logit
-        l2 = torch.zeros_like(logit)
+        return logit
+
+    def embedding_l2(self, v: torch.Tensor, w4: torch.Tensor) -> torch.Tensor:
+        """Per row [B]: the squared L2 norm of the looked-up rows, of the parts the model uses (V for FM
+        and deep, w for the first order)."""
+        l2 = v.new_zeros(v.shape[0])
         if self.use_fm or self.deep is not None:
             l2 = l2 + (v * v).sum((1, 2))
         if self.use_first:
             l2 = l2 + (w4 * w4).sum((1, 2))
-        return logit, l2
+        return l2
+
+
+class DeepFMTrain(nn.Module):
+    """The train wrapper (torchrec's ``DLRMTrain`` shape): ``forward(batch) -> (loss, (loss, logits, labels))``,
+    the last three detached. DistributedModelParallel wraps this module, so the loss is part of what
+    TorchRec's ``TrainPipelineSparseDist`` runs.
+
+    loss = BCE(logits, labels) + embedding_l2 * mean_rows(||looked-up rows||^2); ``bf16`` runs the model
+    under bf16 autocast (the loss in fp32). Evaluation calls :attr:`model` itself (fp32, logits only).
+    """
+
+    def __init__(self, model: DeepFM, embedding_l2: float = 0.0, bf16: bool = False, device_type: str = "cpu"):
+        super().__init__()
+        self.model = model
+        self.embedding_l2 = embedding_l2
+        self.bf16 = bf16
+        self.device_type = device_type       # autocast needs it as a str (fx traces forward with a proxy batch)
+        self.loss_fn = nn.BCEWithLogitsLoss()
+
+    def forward(self, batch: "Batch") -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.bf16):
+            v, w4 = self.model.sparse(batch.kjt)
+            logits = self.model.logits(v, w4)
+            l2 = self.model.embedding_l2(v, w4) if self.embedding_l2 else None
+        logits = logits.float()
+        loss = self.loss_fn(logits, batch.labels)
+        if l2 is not None:
+            loss = loss + self.embedding_l2 * l2.float().mean()
+        return loss, (loss.detach(), logits.detach(), batch.labels)
 
 
 def predict_proba(logit: torch.Tensor) -> torch.Tensor:

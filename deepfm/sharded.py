@@ -5,13 +5,16 @@
   ``sharding: {field: kind}`` in the training config forces a table's sharding type.
 - Optimizers: the sparse one is fused into backward (FBGEMM: Adagrad / row-wise Adagrad / SGD on the
   CPU, which refuses Adam); dense parameters (MLP, bias) are data-parallel with torch.optim.Adam.
-- Checkpoints: torch.distributed.checkpoint, keys normalised (no ``module.`` wrappers) so that a
-  checkpoint written at one world size loads at another. ``checkpoints/step_N`` (model and optimizers)
-  are for resuming; ``checkpoints/best`` (model only) holds the weights of the best valid evaluation.
+- The module DistributedModelParallel wraps is the train wrapper :class:`deepfm.model.DeepFMTrain`
+  (``model(batch) -> (loss, (loss, logits, labels))``), so TorchRec's train pipeline can run it.
+- Checkpoints: torch.distributed.checkpoint, keys normalised (no ``module.`` wrappers, no train wrapper)
+  so that a checkpoint written at one world size loads at another, and the model's keys are DeepFM's
+  own. Folder names come from pipeline.layout: ``checkpoints/step_N`` (model and optimizers) are for
+  resuming; ``checkpoints/best`` (model only) holds the weights of the best valid evaluation. Each holds
+  the trainer's whole state (:class:`deepfm.state.TrainState`) in meta.json.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -32,14 +35,15 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
+from deepfm import state as S
 from deepfm.cluster import Cluster
-from deepfm.model import DeepFM, FieldSpec, table_name
+from deepfm.model import DeepFM, DeepFMTrain, FieldSpec, table_name
+from deepfm.state import TrainState
 from deepfm.trainconf import TrainConfig
+from pipeline import layout
 
 log = logging.getLogger("deepfm.sharded")
 SPARSE_OPTIMIZERS = {"adagrad": torch.optim.Adagrad, "rowwise_adagrad": RowWiseAdagrad, "sgd": torch.optim.SGD}
-COMPLETE = "COMPLETE"        # written last into a checkpoint folder: only such folders are resumed from
-BEST = "best"                # checkpoints/best: the weights of the best valid evaluation
 
 
 class CheckpointError(RuntimeError):
@@ -48,9 +52,14 @@ class CheckpointError(RuntimeError):
 
 @dataclass
 class Trainable:
-    dmp: DistributedModelParallel
+    dmp: DistributedModelParallel       # over DeepFMTrain: dmp(batch) -> (loss, (loss, logits, labels))
     optimizer: CombinedOptimizer
     plan: Any
+
+    @property
+    def model(self) -> DeepFM:
+        """The (sharded) DeepFM inside the train wrapper: ``model(kjt) -> logits``, for evaluation."""
+        return self.dmp.module.model
 
     def plan_summary(self) -> dict[str, str]:
         """table -> sharding type, for logs and metrics."""
@@ -62,6 +71,8 @@ class Trainable:
 
 
 def build(fields: Sequence[FieldSpec], cfg: TrainConfig, cluster: Cluster) -> Trainable:
+    """DeepFM in its train wrapper under DistributedModelParallel, with its optimizers. ``cfg.bf16`` is
+    taken as resolved (deepfm.cluster.resolve_bf16): only ``True`` turns autocast on."""
     torch.manual_seed(cfg.seed)
     model = DeepFM(fields, cfg.model, cfg.hidden, cfg.dropout, sparse_device="meta", dense_device=cluster.device,
                    init_scale=cfg.embedding_init_scale)
@@ -83,8 +94,9 @@ def build(fields: Sequence[FieldSpec], cfg: TrainConfig, cluster: Cluster) -> Tr
                         local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", cluster.world)))
     sharders = get_default_sharders()
     planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints)
-    plan = planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
-    dmp = DistributedModelParallel(module=model, device=cluster.device, plan=plan, sharders=sharders)
+    wrapper = DeepFMTrain(model, cfg.embedding_l2, bf16=cfg.bf16 is True, device_type=cluster.device.type)
+    plan = planner.collective_plan(wrapper, sharders, dist.GroupMember.WORLD)
+    dmp = DistributedModelParallel(module=wrapper, device=cluster.device, plan=plan, sharders=sharders)
     dense = KeyedOptimizerWrapper(dict(in_backward_optimizer_filter(dmp.named_parameters())),
                                   lambda ps: torch.optim.Adam(ps, lr=cfg.dense_lr, weight_decay=cfg.weight_decay))
     return Trainable(dmp, CombinedOptimizer([dmp.fused_optimizer, dense]), plan)
@@ -93,13 +105,14 @@ def build(fields: Sequence[FieldSpec], cfg: TrainConfig, cluster: Cluster) -> Tr
 # --- checkpoints ---------------------------------------------------------------------------------
 
 _WRAPPERS = re.compile(r"(^|\.)(module|_dmp_wrapped_module)\.")
+_TRAIN_WRAPPER = "model."       # DeepFMTrain.model: saved keys are DeepFM's own (as before the wrapper)
 
 
 def _norm_key(k: str) -> str:
     while True:
         n = _WRAPPERS.sub(r"\1", k)
         if n == k:
-            return k
+            return k[len(_TRAIN_WRAPPER):] if k.startswith(_TRAIN_WRAPPER) else k
         k = n
 
 
@@ -131,7 +144,7 @@ def _state(t: Trainable, with_optimizer: bool = True) -> dict[str, Any]:
     return state
 
 
-def _write(t: Trainable, cluster: Cluster, final: Path, meta: dict, with_optimizer: bool) -> None:
+def _write(t: Trainable, cluster: Cluster, final: Path, state: TrainState, with_optimizer: bool) -> None:
     """Write a sharded checkpoint (each rank its shards) into final's .tmp sibling, then rename it once
     every rank has written; COMPLETE, written last, marks it usable."""
     tmp = final.parent / f".{final.name}.tmp"
@@ -142,58 +155,46 @@ def _write(t: Trainable, cluster: Cluster, final: Path, meta: dict, with_optimiz
     dcp.save(_state(t, with_optimizer), checkpoint_id=str(tmp))
     dist.barrier()
     if cluster.is_main:
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        (tmp / COMPLETE).write_text("")
+        S.write(tmp, state)
+        (tmp / layout.COMPLETE).write_text("")
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
     dist.barrier()
 
 
-def save(t: Trainable, cluster: Cluster, run_dir: Path, step: int, meta: dict, keep: int) -> Path:
-    """Write checkpoints/step_<N> (model and optimizers); the last ``keep`` complete ones are kept."""
-    final = run_dir / "checkpoints" / f"step_{step:09d}"
-    _write(t, cluster, final, meta, with_optimizer=True)
+def save(t: Trainable, cluster: Cluster, run_dir: Path, state: TrainState, keep: int) -> Path:
+    """Write checkpoints/step_<global step> (model and optimizers); the last ``keep`` complete ones are kept."""
+    final = layout.step_checkpoint(run_dir, state.global_step)
+    _write(t, cluster, final, state, with_optimizer=True)
     if cluster.is_main:
-        for old in sorted(complete_checkpoints(run_dir))[:-keep]:
+        for old in layout.complete_checkpoints(run_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
     return final
 
 
-def save_best(t: Trainable, cluster: Cluster, run_dir: Path, meta: dict) -> Path:
+def save_best(t: Trainable, cluster: Cluster, run_dir: Path, state: TrainState) -> Path:
     """Write checkpoints/best: the model weights (no optimizer state) of the best valid evaluation so far,
     outside the step_N rotation so that ``keep_checkpoints`` never deletes it."""
-    final = run_dir / "checkpoints" / BEST
-    _write(t, cluster, final, meta, with_optimizer=False)
+    final = layout.best_checkpoint_dir(run_dir)
+    _write(t, cluster, final, state, with_optimizer=False)
     return final
 
 
-def best_checkpoint(run_dir: Path) -> Path | None:
-    p = run_dir / "checkpoints" / BEST
-    return p if (p / COMPLETE).exists() else None
+def read_state(ckpt: Path) -> TrainState:
+    """The trainer state saved in a checkpoint; :class:`CheckpointError` when it has none or it is unreadable."""
+    try:
+        return S.read(ckpt)
+    except S.StateError as e:
+        raise CheckpointError(str(e)) from None
 
 
-def complete_checkpoints(run_dir: Path) -> list[Path]:
-    root = run_dir / "checkpoints"
-    if not root.exists():
-        return []
-    return sorted(p for p in root.iterdir() if p.name.startswith("step_") and (p / COMPLETE).exists())
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    done = complete_checkpoints(run_dir)
-    return done[-1] if done else None
-
-
-def read_meta(ckpt: Path) -> dict:
-    return json.loads((ckpt / "meta.json").read_text())
-
-
-def load(t: Trainable, ckpt: Path, fingerprint: str, with_optimizer: bool = True) -> dict:
-    """Load a checkpoint into a built model (any world size); refuses one made for other features."""
-    meta = read_meta(ckpt)
-    if meta.get("feature_fingerprint") != fingerprint:
-        raise CheckpointError(f"{ckpt}: made for featurized data with fingerprint {meta.get('feature_fingerprint')}, "
+def load(t: Trainable, ckpt: Path, fingerprint: str, with_optimizer: bool = True) -> TrainState:
+    """Load a checkpoint into a built model (any world size) and return the state saved with it; refuses
+    one made for other features."""
+    saved = read_state(ckpt)
+    if saved.feature_fingerprint != fingerprint:
+        raise CheckpointError(f"{ckpt}: made for featurized data with fingerprint {saved.feature_fingerprint}, "
                               f"but this data's is {fingerprint}: the ids mean different things. Train from "
                               "scratch, or featurize with --reuse of the data this model was trained on.")
     live_model = t.dmp.state_dict()
@@ -201,16 +202,16 @@ def load(t: Trainable, ckpt: Path, fingerprint: str, with_optimizer: bool = True
     if with_optimizer:
         t.optimizer.init_state()                   # materialise lazy optimizer state to load into
         live_optim = t.optimizer.state_dict()
-        saved = set(dcp.FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata)
+        on_disk = set(dcp.FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata)
         wanted = set(_flat_keys({"optim": _normalise(live_optim)}))
-        if wanted <= saved:
+        if wanted <= on_disk:
             state["optim"] = _normalise(live_optim)
         else:   # e.g. a table forced to another sharding type: its optimizer state has another layout
             log.warning("%s: optimizer state does not fit this plan (%d keys missing, e.g. %s); loading the model "
-                        "weights only, the optimizer starts fresh", ckpt, len(wanted - saved), sorted(wanted - saved)[0])
+                        "weights only, the optimizer starts fresh", ckpt, len(wanted - on_disk), sorted(wanted - on_disk)[0])
             with_optimizer = False
     dcp.load(state, checkpoint_id=str(ckpt))
     t.dmp.load_state_dict(_denormalise(state["model"], live_model))
     if with_optimizer:
         t.optimizer.load_state_dict(_denormalise(state["optim"], live_optim))
-    return meta
+    return saved

@@ -24,65 +24,21 @@ import logging
 import math
 import time
 import warnings
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
-import torch
-import torch.distributed as dist
 
 from deepfm import inputs, sharded
 from deepfm.cluster import Cluster, init_cluster, resolve_bf16, shutdown
-from deepfm.model import predict_proba
+from deepfm.evaluator import Evaluator
+from deepfm.state import TrainState
+from deepfm.steps import make_steps, resolve_train_pipeline
 from deepfm.trainconf import TrainConfig, TrainConfigError, parse_args
-from pipeline import metrics as M
+from pipeline import layout
 
 log = logging.getLogger("deepfm.train")
-
-
-class Evaluator:
-    """Exact metrics over all ranks' rows: predictions are gathered, not per-rank AUCs averaged."""
-
-    def __init__(self, t: sharded.Trainable, ds: inputs.Dataset, cfg: TrainConfig, cluster: Cluster):
-        self.t, self.ds, self.cfg, self.cluster = t, ds, cfg, cluster
-
-    @torch.no_grad()
-    def predict(self, split: str) -> tuple[np.ndarray, np.ndarray]:
-        """(debiased probability, label) of every row of the split, on every rank."""
-        c = self.cluster
-        self.t.dmp.eval()
-        it = inputs.eval_batches(self.ds, split, c.rank, c.world, self.cfg.batch_size, self.cfg.reader_workers,
-                                 self.cfg.prefetch_batches)
-        dummy = inputs.dummy_batch(self.ds, self.cfg.batch_size)
-        preds, labels = [], []
-        flag = torch.zeros(1, dtype=torch.int32)
-        while True:
-            b = next(it, None)
-            flag.fill_(0 if b is None else 1)
-            dist.all_reduce(flag)                      # every rank steps until all have run out
-            if flag.item() == 0:
-                break
-            batch = (b or dummy).to(c.device)
-            # fp32 whatever the training precision: the metrics match deepfm.evaluate's exactly
-            q = predict_proba(self.t.dmp(batch.kjt)).cpu().numpy()[:batch.valid]
-            preds.append(q)
-            labels.append(batch.labels.cpu().numpy()[:batch.valid])
-        it.close()
-        self.t.dmp.train()
-        local = (np.concatenate(preds) if preds else np.zeros(0, np.float32),
-                 np.concatenate(labels) if labels else np.zeros(0, np.float32))
-        gathered: list[Any] = [None] * c.world
-        dist.all_gather_object(gathered, local)
-        q = np.concatenate([g[0] for g in gathered]).astype(np.float64)
-        y = np.concatenate([g[1] for g in gathered])
-        return M.debias(q, self.ds.neg_sample_rate), y   # the model saw a fraction r of the negatives
-
-    def evaluate(self, split: str) -> dict[str, float]:
-        p, y = self.predict(split)
-        if len(y) != self.ds.rows(split):
-            raise RuntimeError(f"{split}: evaluated {len(y)} rows, the manifest says {self.ds.rows(split)}")
-        return M.summary(p, y)
 
 
 def train(a: argparse.Namespace, cfg: TrainConfig) -> dict:
@@ -96,167 +52,181 @@ def train(a: argparse.Namespace, cfg: TrainConfig) -> dict:
 def _train(a: argparse.Namespace, cfg: TrainConfig, cluster: Cluster) -> dict:
     run = Path(a.out)
     ds = inputs.open_dataset(a.data)
-    use_bf16, why = resolve_bf16(cfg.bf16, cluster.device)
-    cfg = replace(cfg, bf16=use_bf16)
+    cfg = resolve(cfg, cluster)
     if cluster.is_main:
-        log.info("bf16 autocast %s (%s)", "on" if use_bf16 else "off", why)
         run.mkdir(parents=True, exist_ok=True)
     t = sharded.build(ds.fields, cfg, cluster)
     log.info("rank %d/%d on %s (%s); model %s; plan %s", cluster.rank, cluster.world, cluster.device, cluster.backend,
              cfg.model, t.plan_summary() if cluster.is_main else "")
+    state = start_or_resume(t, ds, cfg, cluster, run, a)
+    loop = Loop(t, ds, cfg, cluster, run, state)
+    while state.epoch < cfg.epochs and not loop.stop:
+        loop.one_epoch()
+    return finish(loop, test=not a.no_test)
 
-    # Where to start: a checkpoint of this run (resume), else a warm start, else from scratch.
-    epoch, step_in_epoch, global_step, best_auc, best_step, bad_evals = 0, 0, 0, -1.0, -1, 0
-    early_stopped = False
-    history: list[dict] = []
-    examples_done, seconds_done = 0, 0.0
-    resume = sharded.latest_checkpoint(run)
+
+def resolve(cfg: TrainConfig, cluster: Cluster) -> TrainConfig:
+    """The settings that say ``auto`` decided for this device (and, for bf16, agreed by every rank)."""
+    use_bf16, why = resolve_bf16(cfg.bf16, cluster.device)
+    pipeline, why_pipeline = resolve_train_pipeline(cfg.train_pipeline, cluster.device)
+    if cluster.is_main:
+        log.info("bf16 autocast %s (%s); steps: %s (%s)", "on" if use_bf16 else "off", why, pipeline, why_pipeline)
+    return replace(cfg, bf16=use_bf16, train_pipeline=pipeline)
+
+
+def start_or_resume(t: sharded.Trainable, ds: inputs.Dataset, cfg: TrainConfig, cluster: Cluster, run: Path,
+                    a: argparse.Namespace) -> TrainState:
+    """Where to start: a checkpoint of this run (resume: weights, optimizers and progress), else a warm
+    start (weights only), else from scratch."""
+    state = TrainState(world_size=cluster.world, feature_fingerprint=ds.fingerprint,
+                       contract_fingerprint=ds.contract_fingerprint, config=cfg, fields=tuple(ds.fields),
+                       data=str(Path(a.data).resolve()))
+    resume = layout.latest_checkpoint(run)
     if resume is not None:
-        saved = sharded.load(t, resume, ds.fingerprint)
-        epoch, step_in_epoch, global_step = saved["epoch"], saved["step_in_epoch"], saved["global_step"]
-        best_auc, bad_evals, history = saved["best_auc"], saved["bad_evals"], saved["history"]
-        best_step, early_stopped = saved.get("best_step", -1), saved.get("early_stopped", False)
-        examples_done, seconds_done = saved["examples"], saved["seconds"]
-        if saved["world_size"] != cluster.world:    # same fraction of the epoch, at the new world size
-            step_in_epoch = int(step_in_epoch * saved["world_size"] / cluster.world)
-        log.info("resumed from %s (epoch %d, step %d)", resume, epoch, global_step)
+        state = state.resumed(sharded.load(t, resume, ds.fingerprint))
+        log.info("resumed from %s (epoch %d, step %d)", resume, state.epoch, state.global_step)
     elif a.warm_start:
-        src = Path(a.warm_start)
-        ckpt = src if (src / sharded.COMPLETE).exists() else sharded.latest_checkpoint(src)
+        ckpt = layout.checkpoint_of(Path(a.warm_start))
         if ckpt is None:
-            raise sharded.CheckpointError(f"--warm-start {src}: no complete checkpoint there")
+            raise sharded.CheckpointError(f"--warm-start {a.warm_start}: no complete checkpoint there")
         sharded.load(t, ckpt, ds.fingerprint, with_optimizer=False)
         log.info("warm start from %s", ckpt)
+    return state
 
-    steps_per_epoch = ds.rows("train") // (cfg.batch_size * cluster.world)
-    if steps_per_epoch == 0:
-        raise inputs.DataError(f"{ds.rows('train')} train rows are fewer than one batch per rank "
-                               f"({cfg.batch_size} x {cluster.world})")
-    evaluator = Evaluator(t, ds, cfg, cluster)
-    has_valid = ds.rows("valid") > 0
-    writer = _tensorboard(run) if cluster.is_main else None
-    loss_fn = torch.nn.BCEWithLogitsLoss()
 
-    def meta(e: int, s: int) -> dict:
-        return {"epoch": e, "step_in_epoch": s, "global_step": global_step, "best_auc": best_auc,
-                "best_step": best_step, "bad_evals": bad_evals, "early_stopped": early_stopped, "history": history,
-                "examples": examples_done, "seconds": seconds_done, "world_size": cluster.world, "feature_fingerprint": ds.fingerprint,
-                "contract_fingerprint": ds.manifest["contract_fingerprint"], "config": _jsonable(asdict(cfg)),
-                "fields": [asdict(f) for f in ds.fields], "data": str(Path(a.data).resolve())}
+class Loop:
+    """The training loop's parts and what they share: the model, the data, the state they advance, the
+    valid evaluator, the clock of training time and the progress outputs (tqdm, tensorboard)."""
 
-    clock = Stopwatch()
+    def __init__(self, t: sharded.Trainable, ds: inputs.Dataset, cfg: TrainConfig, cluster: Cluster, run: Path,
+                 state: TrainState):
+        self.t, self.ds, self.cfg, self.cluster, self.run, self.state = t, ds, cfg, cluster, run, state
+        self.steps_per_epoch = ds.rows("train") // (cfg.batch_size * cluster.world)
+        if self.steps_per_epoch == 0:
+            raise inputs.DataError(f"{ds.rows('train')} train rows are fewer than one batch per rank "
+                                   f"({cfg.batch_size} x {cluster.world})")
+        self.evaluator = Evaluator(t, ds, cfg, cluster)
+        self.writer = _tensorboard(run) if cluster.is_main else None
+        self.stop = state.early_stopped
+        self.clock = Stopwatch()
+        self.clock.start(state.seconds)
+        self.examples_at_start = state.examples
 
-    def validate() -> bool:
-        """Evaluate on valid; True when early stopping says stop."""
-        nonlocal best_auc, best_step, bad_evals
-        if not has_valid:
-            return False
-        with clock.paused():
-            m = evaluator.evaluate("valid")
-        history.append({"step": global_step, "epoch": epoch, **m})
-        if writer:
-            for k in ("auc", "logloss", "ne", "calibration"):
-                writer.add_scalar(f"valid/{k}", m[k], global_step)
-        if cluster.is_main:
-            log.info("valid at step %d: auc %.4f logloss %.4f ne %.4f calibration %.3f", global_step, m["auc"],
-                     m["logloss"], m["ne"], m["calibration"])
-        if m["auc"] > best_auc:
-            best_auc, best_step, bad_evals = m["auc"], global_step, 0
-            if cfg.keep_best:
-                with clock.paused():
-                    sharded.save_best(t, cluster, run, meta(epoch, step_in_epoch))
-        else:
-            bad_evals += 1
-        return bad_evals >= cfg.early_stopping_patience
-
-    stop = early_stopped
-    clock.start(seconds_done)
-    ex_start = examples_done
-    while epoch < cfg.epochs and not stop:
-        stream = inputs.train_batches(ds, cluster.rank, cluster.world, cfg.batch_size, cfg.seed + epoch,
-                                      cfg.reader_workers, cfg.prefetch_batches, skip=step_in_epoch)
-        bar = _progress(cluster, steps_per_epoch, step_in_epoch, epoch)
-        t.dmp.train()
-        while step_in_epoch < steps_per_epoch:
-            b = next(stream).to(cluster.device)
-            with torch.autocast(cluster.device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                if cfg.embedding_l2:
-                    logit, l2 = t.dmp(b.kjt, with_l2=True)
-                else:
-                    logit, l2 = t.dmp(b.kjt), None
-            loss = loss_fn(logit.float(), b.labels)
-            if l2 is not None:
-                loss = loss + cfg.embedding_l2 * l2.float().mean()
-            t.optimizer.zero_grad()
-            loss.backward()
-            t.optimizer.step()
-            step_in_epoch += 1
-            global_step += 1
-            examples_done += cfg.batch_size * cluster.world
+    def one_epoch(self) -> None:
+        """Steps to the end of the epoch, or until max_steps or early stopping; then (at the end of the
+        epoch, unless eval_every_steps validates) validation, and a checkpoint in any case."""
+        s, cfg, c = self.state, self.cfg, self.cluster
+        batches = inputs.train_batches(self.ds, c.rank, c.world, cfg.batch_size, cfg.seed + s.epoch, cfg.reader_workers,
+                                       cfg.prefetch_batches, skip=s.step_in_epoch)
+        steps = make_steps(cfg.train_pipeline, self.t, batches, c.device)
+        bar = _progress(c, self.steps_per_epoch, s.step_in_epoch, s.epoch)
+        self.t.dmp.train()
+        try:
+            while s.step_in_epoch < self.steps_per_epoch and not self.stop:
+                loss = steps.step()
+                self.count_step(loss, bar)
+                if cfg.eval_every_steps and s.global_step % cfg.eval_every_steps == 0:
+                    with steps.paused():
+                        self.stop = s.early_stopped = self.validate()
+                if cfg.checkpoint_every_steps and s.global_step % cfg.checkpoint_every_steps == 0:
+                    self.checkpoint()
+                if cfg.max_steps and s.global_step >= cfg.max_steps:
+                    self.stop = True
+        finally:
+            steps.close()
+            batches.close()
             if bar is not None:
-                bar.update(1)
-                if global_step % 10 == 0:
-                    el = clock.seconds() - clock.base
-                    bar.set_postfix(loss=f"{loss.item():.4f}", ex_s=f"{(examples_done - ex_start) / max(el, 1e-9):,.0f}")
-                    if writer:
-                        writer.add_scalar("train/loss", loss.item(), global_step)
-            if cfg.eval_every_steps and global_step % cfg.eval_every_steps == 0:
-                stop = early_stopped = validate()
-            if cfg.checkpoint_every_steps and global_step % cfg.checkpoint_every_steps == 0:
-                with clock.paused():
-                    seconds_done = clock.seconds()
-                    sharded.save(t, cluster, run, global_step, meta(epoch, step_in_epoch), cfg.keep_checkpoints)
-            if stop or (cfg.max_steps and global_step >= cfg.max_steps):
-                stop = True
-                break
-        stream.close()
-        if bar is not None:
-            bar.close()
-        if step_in_epoch >= steps_per_epoch:
-            epoch, step_in_epoch = epoch + 1, 0
-            if not cfg.eval_every_steps and validate():
-                stop = early_stopped = True
-        with clock.paused():
-            seconds_done = clock.seconds()
-            sharded.save(t, cluster, run, global_step, meta(epoch, step_in_epoch), cfg.keep_checkpoints)
+                bar.close()
+        if s.step_in_epoch >= self.steps_per_epoch:
+            s.epoch, s.step_in_epoch = s.epoch + 1, 0
+            if not cfg.eval_every_steps and self.validate():
+                self.stop = s.early_stopped = True
+        self.checkpoint()
 
-    weights_from = global_step
-    if cfg.keep_best and 0 <= best_step != global_step and restore_best(t, cluster, run, ds.fingerprint, best_step):
-        weights_from = best_step
+    def count_step(self, loss: Any, bar: Any) -> None:
+        s = self.state
+        s.step_in_epoch += 1
+        s.global_step += 1
+        s.examples += self.cfg.batch_size * self.cluster.world
+        if bar is None:
+            return
+        bar.update(1)
+        if s.global_step % 10 == 0:
+            rate = (s.examples - self.examples_at_start) / max(self.clock.seconds() - self.clock.base, 1e-9)
+            bar.set_postfix(loss=f"{loss.item():.4f}", ex_s=f"{rate:,.0f}")
+            if self.writer:
+                self.writer.add_scalar("train/loss", loss.item(), s.global_step)
+
+    def validate(self) -> bool:
+        """Evaluate on valid, keep the best weights; True when early stopping says stop."""
+        s = self.state
+        if self.ds.rows("valid") == 0:
+            return False
+        with self.clock.paused():
+            m = self.evaluator.evaluate("valid")
+        s.history.append({"step": s.global_step, "epoch": s.epoch, **m})
+        if self.writer:
+            for k in ("auc", "logloss", "ne", "calibration"):
+                self.writer.add_scalar(f"valid/{k}", m[k], s.global_step)
+        if self.cluster.is_main:
+            log.info("valid at step %d: auc %.4f logloss %.4f ne %.4f calibration %.3f", s.global_step, m["auc"],
+                     m["logloss"], m["ne"], m["calibration"])
+        if m["auc"] > s.best_auc:
+            s.best_auc, s.best_step, s.bad_evals = m["auc"], s.global_step, 0
+            if self.cfg.keep_best:
+                with self.clock.paused():
+                    s.seconds = self.clock.seconds()
+                    sharded.save_best(self.t, self.cluster, self.run, s)
+        else:
+            s.bad_evals += 1
+        return s.bad_evals >= self.cfg.early_stopping_patience
+
+    def checkpoint(self) -> None:
+        with self.clock.paused():
+            self.state.seconds = self.clock.seconds()
+            sharded.save(self.t, self.cluster, self.run, self.state, self.cfg.keep_checkpoints)
+
+
+def finish(loop: Loop, test: bool) -> dict:
+    """The best valid weights back (when kept) for the test and the last checkpoint; metrics.json."""
+    s, cfg, cluster, ds = loop.state, loop.cfg, loop.cluster, loop.ds
+    if cfg.keep_best and 0 <= s.best_step != s.global_step and restore_best(loop.t, cluster, loop.run, ds.fingerprint,
+                                                                            s.best_step):
+        s.weights_from_step = s.best_step
         # The run's model is now the best one: the last checkpoint gets its weights too, so that
         # deepfm.evaluate, --warm-start and the retraining registry see the model the test figures are for.
-        sharded.save(t, cluster, run, global_step, {**meta(epoch, step_in_epoch), "weights_from_step": best_step},
-                     cfg.keep_checkpoints)
-    best = next((h for h in history if h["step"] == weights_from), history[-1] if history else {})
+        sharded.save(loop.t, cluster, loop.run, s, cfg.keep_checkpoints)
+    weights_from = s.weights_from_step if s.weights_from_step is not None else s.global_step
     result: dict[str, Any] = {
-        "model": cfg.model, "world_size": cluster.world, "device": str(cluster.device), "precision": "bf16" if use_bf16 else "fp32",
-        "feature_fingerprint": ds.fingerprint, "global_step": global_step,
-        "train": {"examples": examples_done, "seconds": round(seconds_done, 3),
-                  "examples_per_s": round(examples_done / max(seconds_done, 1e-9), 1)},
-        "valid": best, "valid_best_auc": best_auc, "valid_best_step": best_step, "weights_from_step": weights_from,
-        "history": history,
-        "plan": t.plan_summary(),
+        "model": cfg.model, "world_size": cluster.world, "device": str(cluster.device),
+        "precision": "bf16" if cfg.bf16 else "fp32", "train_pipeline": cfg.train_pipeline,
+        "feature_fingerprint": ds.fingerprint, "global_step": s.global_step,
+        "train": {"examples": s.examples, "seconds": round(s.seconds, 3),
+                  "examples_per_s": round(s.examples / max(s.seconds, 1e-9), 1)},
+        "valid": s.evaluation(weights_from), "valid_best_auc": s.best_auc, "valid_best_step": s.best_step,
+        "weights_from_step": weights_from, "history": s.history,
+        "plan": loop.t.plan_summary(),
     }
-    if not a.no_test and ds.rows("test") > 0:
-        result["test"] = evaluator.evaluate("test")
+    if test and ds.rows("test") > 0:
+        result["test"] = loop.evaluator.evaluate("test")
         if cluster.is_main:
             log.info("test: %s", {k: round(v, 5) for k, v in result["test"].items()})
     if cluster.is_main:
-        tmp = run / ".metrics.json.tmp"
+        tmp = loop.run / f".{layout.METRICS}.tmp"
         tmp.write_text(json.dumps(_jsonable(result), indent=1))
-        os.replace(tmp, run / "metrics.json")
-        if writer:
-            writer.close()
+        os.replace(tmp, loop.run / layout.METRICS)
+        if loop.writer:
+            loop.writer.close()
     return result
 
 
 def restore_best(t: sharded.Trainable, cluster: Cluster, run: Path, fingerprint: str, best_step: int) -> bool:
     """Load checkpoints/best (the weights of the best valid evaluation, at step ``best_step``); False, with
     a warning, when it does not hold them (a run killed while writing it), and the weights stay as they are."""
-    ckpt = sharded.best_checkpoint(run)
-    if ckpt is None or sharded.read_meta(ckpt)["global_step"] != best_step:
+    ckpt = layout.best_checkpoint(run)
+    if ckpt is None or sharded.read_state(ckpt).global_step != best_step:
         log.warning("%s does not hold the weights of step %d (the best valid evaluation): testing the last weights",
-                    run / "checkpoints" / sharded.BEST, best_step)
+                    layout.best_checkpoint_dir(run), best_step)
         return False
     sharded.load(t, ckpt, fingerprint, with_optimizer=False)
     if cluster.is_main:
@@ -280,7 +250,7 @@ class Stopwatch:
         return self._acc + (time.perf_counter() - self._since if self._since is not None else 0.0)
 
     @contextlib.contextmanager
-    def paused(self):
+    def paused(self) -> Iterator[None]:
         self._acc = self.seconds()
         self._since = None
         try:

@@ -17,6 +17,7 @@ from pipeline import config as C
 MODELS = ("deepfm", "fm", "lr", "dnn")
 SPARSE_OPTIMIZERS = ("adagrad", "rowwise_adagrad", "sgd")
 SHARDING_TYPES = ("table_wise", "row_wise", "column_wise", "table_row_wise", "data_parallel")
+TRAIN_PIPELINES = ("auto", "sparse_dist", "plain")
 DEFAULT_TRAIN_CONFIG = Path(__file__).resolve().parent.parent / "conf" / "train.yaml"
 
 
@@ -48,6 +49,7 @@ class TrainConfig:
     weight_decay: float = C.setting(check=C.at_least(0.0))
     embedding_l2: float = C.setting(check=C.at_least(0.0))
     bf16: bool | str = C.setting(check=_bf16)
+    train_pipeline: str = C.setting(check=C.one_of(*TRAIN_PIPELINES))
     eval_every_steps: int = C.setting(check=C.at_least(0))
     checkpoint_every_steps: int = C.setting(check=C.at_least(0))
     keep_checkpoints: int = C.setting(check=C.at_least(1))

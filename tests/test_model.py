@@ -15,7 +15,7 @@ from torch.testing import assert_close
 
 from deepfm.cluster import native_bf16, resolve_bf16
 from deepfm.inputs import to_batch
-from deepfm.model import FIRST_ORDER_DIM, DeepFM, FieldSpec, FMInteraction, predict_proba
+from deepfm.model import FIRST_ORDER_DIM, DeepFM, DeepFMTrain, FieldSpec, FMInteraction, predict_proba
 from deepfm.trainconf import DEFAULT_TRAIN_CONFIG, TrainConfigError, load_train_config
 
 FIELDS = [FieldSpec("a", 10, 4), FieldSpec("b", 20, 4), FieldSpec("c", 5, 4)]
@@ -102,9 +102,15 @@ def test_l2_penalty_is_the_squared_norm_of_the_rows_the_model_uses(kind):
     v_sq, w_sq = (rows[:, :, :4] ** 2).sum((1, 2)), (rows[:, :, 4:] ** 2).sum((1, 2))
     expected = {"lr": w_sq, "fm": v_sq + w_sq, "dnn": v_sq, "deepfm": v_sq + w_sq}[kind]
     with torch.no_grad():
-        logit, l2 = m(b.kjt, with_l2=True)
+        l2 = m.embedding_l2(*m.sparse(b.kjt))
         assert_close(l2, expected)
+        # the train wrapper adds its mean to the log loss of the model's logits
+        loss, (detached, logit, labels) = DeepFMTrain(m, embedding_l2=0.25)(b)
         assert_close(logit, m(b.kjt))
+        bce = torch.nn.functional.binary_cross_entropy_with_logits(logit, b.labels)
+        assert_close(loss, bce + 0.25 * expected.mean())
+        assert_close(detached, loss)
+        assert labels is b.labels
 
 
 _ONE_STEP = """
@@ -119,11 +125,10 @@ import numpy as np
 cluster = init_cluster(force_cpu=True)
 t = build([FieldSpec("a", 10, 4), FieldSpec("b", 6, 4)], load_train_config(None, dict(model="lr", sparse_lr=0.1, sparse_eps=float(sys.argv[1]))), cluster)
 b = to_batch(np.array([[3, 5]]), np.array([1.0]), ["a", "b"])
-sparse = t.dmp.module.sparse
+sparse = t.model.sparse
 with torch.no_grad():
     w_before = sparse(b.kjt)[1]
-logit = t.dmp(b.kjt)
-loss = torch.nn.functional.binary_cross_entropy_with_logits(logit, b.labels)
+loss, (_, logit, _) = t.dmp(b)      # the train wrapper: log loss of the logits (embedding_l2 0)
 t.optimizer.zero_grad()
 loss.backward()
 t.optimizer.step()
