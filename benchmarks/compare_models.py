@@ -26,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 BIN = Path(sys.executable).parent
 
 from pipeline.generate import read_truth  # noqa: E402
+from pipeline.manifest import is_complete, open_featurized  # noqa: E402
 from pipeline.metrics import summary  # noqa: E402
 
 
@@ -55,14 +56,14 @@ def main() -> None:
         run_step([str(BIN / "python"), "-m", "pipeline.generate", "--out", str(a.raw), "--config", a.config,
                   "--days", str(a.days), "--rows-per-day", str(a.rows_per_day),
                   "--max-cardinality", str(a.max_cardinality), "--seed", "7"])
-    if not (a.data / "manifest.json").exists():
+    if not is_complete(a.data):
         log4j = ROOT / "tools" / "log4j2.properties"
         run_step([str(BIN / "spark-submit"), "--master", "local[2]", "--driver-memory", "4g",
                   "--driver-java-options", f"-Dlog4j2.configurationFile=file:{log4j}", str(ROOT / "jobs" / "featurize.py"),
                   "--input", str(a.raw), "--output", str(a.data), "--config", a.config,
                   "--neg-sample-rate", str(a.neg_sample_rate), "--overwrite"])
-    man = json.loads((a.data / "manifest.json").read_text())
-    test_day = man["splits"]["test"]["days"][0]
+    man = open_featurized(a.data)
+    test_day = man.splits["test"].days[0]
     oracle = summary(*read_truth(a.raw, test_day))
     rows = {}
     for model in a.models.split(","):
@@ -82,8 +83,8 @@ def main() -> None:
               f"{m.get('weights_from_step', m['global_step'])} of {m['global_step']})", flush=True)
     lr_auc = rows["lr"]["test"]["auc"] if "lr" in rows else None
     lr_s = rows["lr"]["train"]["seconds"] if "lr" in rows else None
-    print(f"\ntrain rows {man['splits']['train']['rows']:,} (neg. sampling {man['sampling']['neg_sample_rate']}), "
-          f"test rows {man['splits']['test']['rows']:,}, {a.epochs} epochs, {a.nproc} ranks\n")
+    print(f"\ntrain rows {man.splits['train'].rows:,} (neg. sampling {man.sampling.neg_sample_rate}), "
+          f"test rows {man.splits['test'].rows:,}, {a.epochs} epochs, {a.nproc} ranks\n")
     print("| model | test AUC | test logloss | LR->oracle gap recovered | train time / LR |")
     print("| --- | --- | --- | --- | --- |")
     for model, m in rows.items():

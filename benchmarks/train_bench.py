@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from deepfm.cluster import native_bf16  # noqa: E402
+from pipeline.manifest import open_featurized  # noqa: E402
 
 
 def torchrec_run(data: str, nproc: int, steps: int, batch: int, bf16: bool, work: Path) -> float:
@@ -59,12 +60,12 @@ def main() -> None:
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
     p.add_argument("--work", type=Path, default=Path("/tmp/clickpipe-bench"))
     a = p.parse_args()
-    m = json.loads((Path(a.data) / "manifest.json").read_text())
-    sizes = [f["num_embeddings"] for f in m["fields"]]
+    m = open_featurized(a.data)
+    sizes = [f.num_embeddings for f in m.fields]
     native, why = native_bf16(torch.device("cpu"))
     bf16 = native if a.precision == "auto" else a.precision == "bf16"
     print(f"precision: {'bf16' if bf16 else 'fp32'} ({a.precision}; {why})")
-    print(f"data: {a.data}, {len(sizes)} tables, largest {max(sizes):,} rows, dim {m['fields'][0]['embedding_dim']}, "
+    print(f"data: {a.data}, {len(sizes)} tables, largest {max(sizes):,} rows, dim {m.fields[0].embedding_dim}, "
           f"batch {a.batch_size}/rank, bf16 {bf16}")
     r1 = torchrec_run(a.data, 1, a.steps, a.batch_size, bf16, a.work)
     print(f"torchrec deepfm, 1 rank : {r1:,.0f} examples/s", flush=True)
