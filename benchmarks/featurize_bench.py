@@ -62,7 +62,7 @@ def main() -> None:
             m = featurize.run(spark, featurize.parse_args(["--input", str(raw), "--output", str(out), "--config", a.config,
                                                        "--overwrite", "--neg-sample-rate", "0.5"]))
             feats.append(time.time() - t)
-            steps.append(m.get("seconds_by_step", {}))
+            steps.append(dict(m.seconds_by_step))
             print(f"  x{scale} run {i + 1}: copy {copies[-1]:.1f} s, featurize {feats[-1]:.1f} s", flush=True)
         copy_s, feat_s = min(copies), min(feats)
         results[scale] = (total, copy_s, feat_s)

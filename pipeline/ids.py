@@ -1,6 +1,6 @@
 """The contract's id rules in plain Python, for serving and for checking the Spark job.
 
-The Spark job computes the same ids with JVM expressions (pipeline.features); these functions give a
+The Spark job computes the same ids with JVM expressions (pipeline.spark.sql); these functions give a
 server (or a test) the id of one value without Spark. Spark's ``xxhash64(a, b)`` is XXH64 of ``a``'s
 UTF-8 bytes with seed 42, then of ``b``'s bytes seeded with that result, read as a signed long.
 

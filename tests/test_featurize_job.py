@@ -10,8 +10,10 @@ import pytest
 
 from jobs import featurize
 from jobs.featurize import FeaturizeError
-from pipeline import features as T
+from pipeline import manifest
 from pipeline.contract import load_contract
+from pipeline.manifest import Counts
+from pipeline.spark.placement import row_group_plan
 from pipeline.generate import read_truth
 from tests.conftest import RAW_ROWS, SMALL
 
@@ -24,31 +26,31 @@ def parquet_files(d: Path) -> list[Path]:
 
 
 def test_splits_sampling_and_manifest(featurized: Path, raw_logs: Path):
-    m = json.loads((featurized / "manifest.json").read_text())
+    m = manifest.read(featurized)
     assert (featurized / "_SUCCESS").exists()
-    assert m["contract_fingerprint"] == load_contract(SMALL).fingerprint
-    s = m["splits"]
-    assert (s["train"]["days"], s["valid"]["days"], s["test"]["days"]) == ([0, 1], [2], [3])
+    assert m.contract_fingerprint == load_contract(SMALL).fingerprint
+    s = m.splits
+    assert (s["train"].days, s["valid"].days, s["test"].days) == ((0, 1), (2,), (3,))
     truth_pos = {d: int(read_truth(raw_logs, d)[1].sum()) for d in range(4)}
     # train: every positive kept, about half of the negatives
-    assert s["train"]["before_sampling"] == {"rows": 2 * RAW_ROWS, "positives": truth_pos[0] + truth_pos[1]}
-    assert s["train"]["positives"] == truth_pos[0] + truth_pos[1]
-    negs_before = 2 * RAW_ROWS - s["train"]["positives"]
-    negs_after = s["train"]["rows"] - s["train"]["positives"]
+    assert s["train"].before_sampling == Counts(rows=2 * RAW_ROWS, positives=truth_pos[0] + truth_pos[1])
+    assert s["train"].positives == truth_pos[0] + truth_pos[1]
+    negs_before = 2 * RAW_ROWS - s["train"].positives
+    negs_after = s["train"].rows - s["train"].positives
     assert abs(negs_after / negs_before - 0.5) < 0.02
     # valid and test are never sampled
     for split, day in (("valid", 2), ("test", 3)):
-        assert s[split]["rows"] == s[split]["before_sampling"]["rows"] == RAW_ROWS
-        assert s[split]["positives"] == truth_pos[day]
-    assert m["sampling"]["neg_sample_rate"] == 0.5
-    assert m["rejects"]["total"] == 0 and m["input"]["lines"] == 4 * RAW_ROWS
-    assert [f["name"] for f in m["fields"]] == FIELDS
-    assert m["fields"][0]["num_embeddings"] == 66 and m["fields"][13]["num_embeddings"] == 20_000
-    assert m["seconds"] > 0
+        assert s[split].rows == s[split].before_sampling.rows == RAW_ROWS
+        assert s[split].positives == truth_pos[day]
+    assert m.sampling.neg_sample_rate == 0.5
+    assert m.rejects.total == 0 and m.input.lines == 4 * RAW_ROWS
+    assert [f.name for f in m.fields] == FIELDS
+    assert m.fields[0].num_embeddings == 66 and m.fields[13].num_embeddings == 20_000
+    assert m.seconds > 0
 
 
 def test_parquet_layout_serves_eight_ranks(featurized: Path):
-    m = json.loads((featurized / "manifest.json").read_text())
+    m = manifest.read(featurized)
     for split in ("train", "valid", "test"):
         files = parquet_files(featurized / split)
         groups = [pq.ParquetFile(f).metadata.num_row_groups for f in files]
@@ -56,15 +58,15 @@ def test_parquet_layout_serves_eight_ranks(featurized: Path):
         assert sum(groups) >= 8, split
         assert min(rows) > 0, split                         # no empty files
         # the files planned for the split, of even size: one shuffle partition each
-        plan = T.row_group_plan(m["splits"][split]["rows"], 16384, 8)
-        assert len(files) == m["splits"][split]["files"] == plan[0], split
+        plan = row_group_plan(m.splits[split].rows, 16384, 8)
+        assert len(files) == m.splits[split].files == plan[0], split
         assert max(rows) <= 16384 and max(rows) - min(rows) < 0.2 * plan[1] + 100, (split, rows)
-        assert sum(rows) == m["splits"][split]["rows"]
+        assert sum(rows) == m.splits[split].rows
         t = pq.read_table(files[0])
         assert t.column_names == ["label", *FIELDS, "day"]
-        for f in m["fields"]:
-            col = t.column(f["name"]).to_numpy()
-            assert col.min() >= 0 and col.max() < f["num_embeddings"]
+        for f in m.fields:
+            col = t.column(f.name).to_numpy()
+            assert col.min() >= 0 and col.max() < f.num_embeddings
 
 
 def test_train_rows_are_shuffled_across_days(featurized: Path):
@@ -76,14 +78,14 @@ def test_train_rows_are_shuffled_across_days(featurized: Path):
 
 def test_petastorm_reads_the_output(featurized: Path):
     from petastorm import make_batch_reader
-    m = json.loads((featurized / "manifest.json").read_text())
+    m = manifest.read(featurized)
     total = 0
     for shard in range(2):
         with make_batch_reader(f"file://{featurized}/valid", cur_shard=shard, shard_count=2, num_epochs=1,
                                reader_pool_type="dummy", schema_fields=["label", "C1"]) as r:
             for batch in r:
                 total += len(batch.label)
-    assert total == m["splits"]["valid"]["rows"]
+    assert total == m.splits["valid"].rows
 
 
 def _with_bad_lines(raw: Path, dst: Path) -> dict[str, str]:
@@ -109,14 +111,14 @@ def test_malformed_lines_are_quarantined_with_reasons(spark, raw_logs: Path, tmp
     bad = _with_bad_lines(raw_logs, raw)
     out = tmp_path / "out"
     m = featurize.main(["--input", str(raw), "--output", str(out), "--config", SMALL, "--valid-days", "0"])
-    assert m["rejects"]["by_reason"] == {"binary": 1, "column_count": 1, "bad_label": 1, "non_numeric": 1,
-                                        "bad_day": 0}
-    assert m["input"]["lines"] == 3 * RAW_ROWS + 4
+    assert m.rejects.by_reason == {"binary": 1, "column_count": 1, "bad_label": 1, "non_numeric": 1,
+                                   "bad_day": 0}
+    assert m.input.lines == 3 * RAW_ROWS + 4
     rejects = {r["reason"]: r["line"] for r in spark.read.parquet(str(out / "rejects")).collect()}
     for reason in ("column_count", "bad_label", "non_numeric"):
         assert rejects[reason] == bad[reason]
     assert rejects["binary"].startswith("\x00\x01\x02garbage")
-    assert m["splits"]["train"]["rows"] + m["splits"]["test"]["rows"] == 3 * RAW_ROWS
+    assert m.splits["train"].rows + m.splits["test"].rows == 3 * RAW_ROWS
 
 
 def test_too_many_rejects_fail_and_leave_the_existing_output(spark, raw_logs: Path, tmp_path: Path):
@@ -145,9 +147,9 @@ def test_quantile_boundaries_min_count_and_reuse(spark, raw_logs: Path, tmp_path
     first = tmp_path / "first"
     m1 = featurize.main(["--input", str(raw_logs), "--output", str(first), "--config", SMALL, "--days", "0-2",
                          "--valid-days", "0", *sets])
-    b = m1["boundaries"]["I2"]
-    assert 1 <= len(b) <= 7 and b == sorted(b)
-    assert m1["vocab"]["ids_kept"][big] > 0
+    b = m1.boundaries["I2"]
+    assert 1 <= len(b) <= 7 and list(b) == sorted(b)
+    assert m1.vocab is not None and m1.vocab.ids_kept[big] > 0
     train = spark.read.parquet(str(first / "train"))
     i2 = sorted(r[0] for r in train.select("I2").distinct().collect())
     assert set(i2) <= set(range(0, 2 + 8)) and len(i2) >= 3
@@ -158,8 +160,8 @@ def test_quantile_boundaries_min_count_and_reuse(spark, raw_logs: Path, tmp_path
     second = tmp_path / "second"
     m2 = featurize.main(["--input", str(raw_logs), "--output", str(second), "--config", SMALL, "--days", "1-3",
                          "--valid-days", "0", "--reuse", str(first), *sets])
-    assert m2["boundaries"] == m1["boundaries"]
-    assert m2["feature_fingerprint"] == m1["feature_fingerprint"]
+    assert m2.boundaries == m1.boundaries
+    assert m2.feature_fingerprint == m1.feature_fingerprint
     # reusing an output made under another contract is refused
     with pytest.raises(FeaturizeError, match="made under contract"):
         featurize.main(["--input", str(raw_logs), "--output", str(tmp_path / "third"), "--config", SMALL,

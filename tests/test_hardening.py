@@ -109,16 +109,16 @@ def test_featurize_quarantines_every_kind_of_malformed_line(spark, raw_logs: Pat
     for _, reason in bad.values():
         if reason not in (None, "good"):
             want[reason] += 1
-    assert m["rejects"]["by_reason"] == want
+    assert m.rejects.by_reason == want
     n_good = sum(1 for _, r in bad.values() if r == "good")
-    assert m["input"]["lines"] == 3 * RAW_ROWS + sum(want.values()) + n_good
-    assert m["splits"]["train"]["before_sampling"]["rows"] == 2 * RAW_ROWS + n_good
+    assert m.input.lines == 3 * RAW_ROWS + sum(want.values()) + n_good
+    assert m.splits["train"].before_sampling.rows == 2 * RAW_ROWS + n_good
     lines = sorted(r["line"] for r in spark.read.parquet(str(out / "rejects")).collect())
     expect = sorted(line for line, r in bad.values() if r not in (None, "good") and r != "binary")
     assert [x for x in lines if not x.startswith("\x00")] == expect
     # the huge integer value is a value: bucketed into the last log-square bucket, not an error
     ids = pq.read_table(out / "train", columns=["I1"]).column("I1").to_numpy()
-    assert ids.max() < m["fields"][0]["num_embeddings"]
+    assert ids.max() < m.fields[0].num_embeddings
 
 
 def test_whitespace_lines_beside_a_bad_line_commit_and_leave_no_staging(spark, raw_logs: Path, tmp_path: Path):
@@ -129,7 +129,7 @@ def test_whitespace_lines_beside_a_bad_line_commit_and_leave_no_staging(spark, r
         fh.write("\t\n \t \n\x0c\n\x1a\n" + "7" + good[1:] + "\n")
     out = tmp_path / "out"
     m = featurize.main(["--input", str(raw), "--output", str(out), "--config", SMALL, "--valid-days", "0"])
-    assert m["rejects"]["by_reason"]["bad_label"] == 1 and m["rejects"]["total"] == 1
+    assert m.rejects.by_reason["bad_label"] == 1 and m.rejects.total == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "raw"]
 
 

@@ -1,7 +1,6 @@
 """The featurize job on a real standalone Spark master and worker on 127.0.0.1 (not local mode)."""
 from __future__ import annotations
 
-import json
 import os
 import socket
 import subprocess
@@ -12,6 +11,7 @@ from pathlib import Path
 import pyspark
 import pytest
 
+from pipeline import manifest
 from tests.conftest import ROOT, SMALL
 
 pytestmark = pytest.mark.slow
@@ -74,10 +74,12 @@ def test_featurize_on_a_standalone_cluster(standalone, raw_logs: Path, tmp_path:
                         "--config", SMALL, "--days", "1-3"],
                        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    m = json.loads((out / "manifest.json").read_text())
+    m = manifest.read(out)
     assert "featurize: train 25000->25000 rows, valid 25000->25000 rows, test 25000->25000 rows" in r.stdout
-    assert (m["splits"]["train"]["days"], m["splits"]["valid"]["days"], m["splits"]["test"]["days"]) == ([1], [2], [3])
-    # the job really ran on the cluster's executors, not in local mode
-    # the job ran on the cluster's executor: the worker made a folder for the application
+    assert (m.splits["train"].days, m.splits["valid"].days, m.splits["test"].days) == ((1,), (2,), (3,))
+    # the job really ran on the cluster's executors, not in local mode: the worker made a folder for the
+    # application, and its executor's log shows tasks
     apps = list((tmp_path / "w").glob("app-*/*/stderr"))
-    assert apps and "Running task" in apps[0].read_text() or "Finished task" in apps[0].read_text()
+    assert apps
+    log = apps[0].read_text()
+    assert "Running task" in log or "Finished task" in log

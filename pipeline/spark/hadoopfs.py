@@ -9,13 +9,15 @@ from pyspark.sql import SparkSession
 
 @dataclass(frozen=True)
 class Entry:
+    """One entry of a folder listing: its full (qualified) path and its name."""
+
     path: str
     name: str
-    is_dir: bool
-    size: int
 
 
 class HadoopFS:
+    """The Hadoop FileSystem of ``any_path`` (its scheme and authority), through the driver's JVM."""
+
     def __init__(self, spark: SparkSession, any_path: str):
         jvm = spark.sparkContext._jvm
         assert jvm is not None, "the Spark session has no JVM gateway"
@@ -34,8 +36,7 @@ class HadoopFS:
         out = []
         for st in self._fs.listStatus(self._Path(path)):
             p = st.getPath()
-            out.append(Entry(path=str(p.toString()), name=str(p.getName()), is_dir=bool(st.isDirectory()),
-                             size=int(st.getLen())))
+            out.append(Entry(path=str(p.toString()), name=str(p.getName())))
         return out
 
     def rename(self, src: str, dst: str) -> None:

@@ -1,0 +1,448 @@
+"""The featurize run: raw click logs -> hashed, bucketed, negatively-sampled Parquet and its Manifest.
+
+:func:`run` checks the folders, reads ``--reuse`` and finds the day files, then has :func:`featurize`
+write everything into a staging folder beside the output and renames it into place (so the output is
+complete or absent). :func:`featurize` is the list of steps, each a function below:
+
+    plan days -> fit boundaries -> fit vocabulary -> the one pass -> place files -> verify counts
+    -> quarantine -> check the reject limit -> commit the manifest
+
+One pass over the input does the work: Spark's CSV reader parses each line once, every id is a JVM
+expression, one shuffle places each split's rows in the files planned for them (train rows in a seeded
+random order), and one write makes the files, which are then moved into train/valid/test by their
+partition number. Counts ride along (``observe``) and are checked against the files' footers; the text
+is read again only to plan file counts (a line count), to fit quantiles or a vocabulary when the
+contract asks for them, and to quarantine malformed lines when there are any.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator, Mapping, Sequence
+
+from pyspark.sql import Column, DataFrame, Observation, SparkSession
+from pyspark.sql import functions as F
+
+from pipeline import layout
+from pipeline import manifest as M
+from pipeline.contract import CategoricalField, FeatureContract
+from pipeline.layout import PathOverlapError, refuse_overlap
+from pipeline.manifest import DAY_COLUMN, LABEL_COLUMN, SPLITS, Counts, Manifest, ManifestError
+from pipeline.spark.counts import count_split, observed, recount, split_counts
+from pipeline.spark.errors import FeaturizeError, RejectLimitError
+from pipeline.spark.hadoopfs import HadoopFS
+from pipeline.spark.placement import FilePlan, place_files, plan_files, write_files
+from pipeline.spark.records import (REASONS, DayInputs, check_records, count_lines, find_day_inputs, parse_lines,
+                                    read_lines, read_records)
+from pipeline.spark.sql import quantile_probabilities
+from pipeline.spark.transforms import frequent_ids, map_rare, sample_negatives, to_ids, with_split, within_days
+
+log = logging.getLogger("jobs.featurize")       # the job's logger, by the name its log lines have always had
+VOCAB = "vocab"            # the output's folder of frequent ids (min_count)
+REJECTS = "rejects"        # the output's folder of malformed lines with their reason
+WRITTEN = "_all"           # the staging folder's one flat write, before place_files
+
+
+@dataclass(frozen=True)
+class Options:
+    """What one run is asked to do (jobs/featurize.py parses it from the command line)."""
+
+    input: str
+    output: str
+    contract: FeatureContract
+    overwrite: bool
+    reuse: str | None
+    days: tuple[int, int] | None
+
+
+def check_paths(output: str, input: str, reuse: str | None) -> None:
+    """The output (and its staging folder beside it) must not be, hold or lie inside what the job reads:
+    with --overwrite it would delete its own input."""
+    try:
+        refuse_overlap(("--output", output), ("--input", input), ("--reuse", reuse))
+    except PathOverlapError as e:
+        raise FeaturizeError(str(e)) from None
+
+
+def assign_splits(days: Sequence[int], valid_days: int, test_days: int) -> dict[str, list[int]]:
+    """The day split rule (pipeline.layout.split_days), refusing with :class:`FeaturizeError`.
+
+        ([0, 1, 2, 3], 1, 1) -> train [0, 1], valid [2], test [3]
+    """
+    try:
+        return layout.split_days(days, valid_days, test_days)
+    except ValueError as e:
+        raise FeaturizeError(str(e)) from None
+
+
+class Phases:
+    """Names each step of the job in Spark's UI (job description) and in the log, and keeps its seconds
+    for the manifest: where the time of a run went."""
+
+    def __init__(self, spark: SparkSession):
+        self.sc = spark.sparkContext
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        self.sc.setJobDescription(f"featurize: {name}")
+        t = time.time()
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(self.seconds.get(name, 0.0) + time.time() - t, 2)
+        log.info("%s: %.1f s", name, self.seconds[name])
+
+
+# --- what one step hands the next ------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Reused:
+    """What ``--reuse`` takes from an earlier output: its fitted boundaries and its vocabulary's folder."""
+
+    boundaries: Mapping[str, tuple[float, ...]]
+    vocab_path: str | None
+
+
+@dataclass(frozen=True)
+class DayPlan:
+    """The days found, the split of each, and each day's (rows, positives) to size the files."""
+
+    days: tuple[int, ...]
+    split_days: Mapping[str, list[int]]
+    rows_by_day: Mapping[int, tuple[int, int]]
+
+    def expected_rows(self, split: str, neg_sample_rate: float) -> int:
+        """The rows ``split`` should have after sampling: every positive and the rate of negatives."""
+        rows = sum(self.rows_by_day.get(d, (0, 0))[0] for d in self.split_days[split])
+        pos = sum(self.rows_by_day.get(d, (0, 0))[1] for d in self.split_days[split])
+        return pos + round((rows - pos) * neg_sample_rate)
+
+    def train_rows(self) -> Column:
+        """True for a good row of a train day."""
+        return ~F.col("_bad") & F.col("day").isin(self.split_days["train"])
+
+
+@dataclass(frozen=True)
+class FittedVocabulary:
+    """The frequent ids of the ``min_count`` fields, as written to the staging folder, and their summary."""
+
+    frame: DataFrame                    # field, id, count
+    fields: tuple[CategoricalField, ...]
+    info: M.Vocabulary
+
+
+@dataclass(frozen=True)
+class Written:
+    """What the one pass hands on: its two observations, the files it planned and the sampling rates."""
+
+    counted: Observation                # lines, malformed lines, rows and positives per split before sampling
+    kept: Observation                   # rows and positives per split as written
+    files: FilePlan
+    rates: Mapping[str, float]
+
+
+@dataclass(frozen=True)
+class RunCounts:
+    """The checked counts of a run: input lines, malformed lines, and per split the good rows before
+    sampling, the rows written, and the files."""
+
+    lines: int
+    bad: int
+    before: Mapping[str, Counts]
+    after: Mapping[str, Counts]
+    files: Mapping[str, int]
+
+
+# --- the run ---------------------------------------------------------------------------------------
+
+def run(spark: SparkSession, o: Options) -> Manifest:
+    """Featurize ``o.input`` into ``o.output`` (committed atomically) and return the output's manifest."""
+    t0 = time.time()
+    c = o.contract
+    fs = HadoopFS(spark, o.output)
+    out = fs.qualify(o.output)
+    in_fs = HadoopFS(spark, o.input)
+    check_paths(out, in_fs.qualify(o.input), HadoopFS(spark, o.reuse).qualify(o.reuse) if o.reuse else None)
+    if fs.exists(out) and not o.overwrite:
+        raise FeaturizeError(f"--output {o.output} exists; pass --overwrite to replace it")
+    reused = load_reuse(spark, o.reuse, c) if o.reuse else None
+    inputs = find_day_inputs(in_fs, in_fs.qualify(o.input), c, o.days)
+    log.info("%s: %d input(s) %s", c.name, len(inputs), ", ".join(p.rsplit("/", 1)[-1] for _, p in inputs))
+
+    staging = f"{out}.__staging-{uuid.uuid4().hex[:8]}"
+    try:
+        m = featurize(spark, o, fs, inputs, staging, reused, t0)
+        commit(fs, staging, out, o.overwrite)
+    except RejectLimitError:
+        raise                                  # its staging folder holds the rejects; the message names it
+    except BaseException:
+        if fs.exists(staging):
+            fs.delete(staging)
+        raise
+    return m
+
+
+def featurize(spark: SparkSession, o: Options, fs: HadoopFS, inputs: DayInputs, staging: str,
+              reused: Reused | None, t0: float) -> Manifest:
+    """Every step of the run, in order, into ``staging`` (see the module's docstring)."""
+    c = o.contract
+    phase = Phases(spark)
+    # Wide rows make big generated methods; the JVM does not compile methods over 8 kB of bytecode and
+    # would interpret them (3x slower here). At this limit Spark splits such a stage into small methods.
+    spark.conf.set("spark.sql.codegen.hugeMethodLimit", "8000")
+    checked = check_records(read_records(spark, inputs, c), c)
+    if c.source.day_from == "column":
+        checked = within_days(checked, o.days)
+    plan = plan_days(spark, c, inputs, checked, phase)
+    boundaries = fit_boundaries(checked, c, plan, reused, phase)
+    ids = with_split(to_ids(checked, c, boundaries, c.sampling.seed, keep=["_bad"]), plan.split_days)
+    vocab = fit_vocabulary(spark, ids, c, plan, reused, staging, phase)
+    written = write_splits(ids, c, plan, vocab, staging, phase)
+    n_files = place_files(fs, f"{staging}/{WRITTEN}", staging, written.files.parts())
+    counts = verify_counts(spark, fs, ids, staging, written, n_files, phase)
+    splits = split_infos(plan, counts, written.rates)
+    with phase("quarantine malformed lines"):
+        rejects = quarantine(spark, o, inputs, f"{staging}/{REJECTS}", counts.bad)
+    log_counts(plan, splits, counts.lines, rejects)
+    check_reject_limit(fs, c, staging, counts.lines, rejects)
+    m = build_manifest(spark, o, inputs, plan, boundaries, vocab, splits, rejects, counts.lines, phase.seconds, t0)
+    commit_manifest(fs, staging, m)
+    return m
+
+
+# --- the steps -------------------------------------------------------------------------------------
+
+def load_reuse(spark: SparkSession, path: str, c: FeatureContract) -> Reused:
+    """An earlier output's boundaries and vocabulary; refuses an incomplete one, an unreadable manifest,
+    and one made under another contract."""
+    fs = HadoopFS(spark, path)
+    base = fs.qualify(path.rstrip("/"))
+    if not fs.exists(f"{base}/{layout.SUCCESS}"):
+        raise FeaturizeError(f"--reuse {path}: not a complete featurized output (no {layout.SUCCESS})")
+    try:
+        m = Manifest.loads(fs.read_text(f"{base}/{layout.MANIFEST}"), f"--reuse {path}")
+    except ManifestError as e:
+        raise FeaturizeError(str(e)) from None
+    if m.contract_fingerprint != c.fingerprint:
+        raise FeaturizeError(f"--reuse {path}: made under contract {m.contract_fingerprint}, this run's is "
+                             f"{c.fingerprint}; ids would not mean the same (refit without --reuse)")
+    return Reused(boundaries=m.boundaries, vocab_path=f"{base}/{m.vocab.path}" if m.vocab else None)
+
+
+def plan_days(spark: SparkSession, c: FeatureContract, inputs: DayInputs, checked: DataFrame,
+              phase: Phases) -> DayPlan:
+    """Which days there are, which split each belongs to, and about how many rows each has: from the
+    file names and a line count, or (days from a column) from a pass over the checked records."""
+    if c.source.day_from == "file_name":
+        days = sorted({d for d, _ in inputs if d is not None})
+        with phase("count lines (to plan files)"):
+            rows_by_day = count_lines(spark, inputs, c)
+    else:
+        with phase("find days"):
+            found = (checked.filter(~F.col("_bad")).groupBy("day")
+                     .agg(F.count(F.lit(1)).alias("rows"), F.sum(LABEL_COLUMN).alias("positives")).collect())
+            rows_by_day = {r["day"]: (int(r["rows"]), int(r["positives"] or 0)) for r in found}
+        days = sorted(rows_by_day)
+        if not days:
+            raise FeaturizeError("no good rows in the input")
+    return DayPlan(days=tuple(days), split_days=assign_splits(days, c.splits.valid_days, c.splits.test_days),
+                   rows_by_day=rows_by_day)
+
+
+def fit_boundaries(checked: DataFrame, c: FeatureContract, plan: DayPlan, reused: Reused | None,
+                   phase: Phases) -> dict[str, tuple[float, ...]]:
+    """Bucket boundaries of the quantile fields: reused, or fitted on the train days only (approximate
+    quantiles of the non-negative values)."""
+    if reused is not None:
+        return dict(reused.boundaries)
+    qfields = [f for f in c.continuous if f.bucketing == "quantile"]
+    if not qfields:
+        return {}
+    nonneg = checked.filter(plan.train_rows()).select(*[F.when(F.col(f.name) >= 0, F.col(f.name)).alias(f.name)
+                                                        for f in qfields])
+    probs = sorted({p for f in qfields for p in quantile_probabilities(f)})
+    with phase("fit quantile boundaries"):
+        qs = nonneg.approxQuantile([f.name for f in qfields], probs, 1e-4)
+    boundaries = {}
+    for f, q in zip(qfields, qs):
+        want = set(quantile_probabilities(f))
+        boundaries[f.name] = tuple(sorted({float(v) for p, v in zip(probs, q) if p in want}))
+    log.info("fitted boundaries for %d field(s) on train days %s", len(qfields), plan.split_days["train"])
+    return boundaries
+
+
+def fit_vocabulary(spark: SparkSession, ids: DataFrame, c: FeatureContract, plan: DayPlan, reused: Reused | None,
+                   staging: str, phase: Phases) -> FittedVocabulary | None:
+    """The frequent ids (seen at least ``min_count`` times in the train days; the others become the rare
+    id), reused or counted, written to ``staging/vocab``; None when no field has a ``min_count``."""
+    rare_fields = tuple(f for f in c.categorical if f.min_count > 0)
+    if not rare_fields:
+        return None
+    with phase("vocabulary (min_count)"):
+        if reused is None:
+            vocab = frequent_ids(ids.filter(plan.train_rows()), rare_fields)
+        elif reused.vocab_path is None:
+            raise FeaturizeError("--reuse: the earlier output has no vocabulary, but this contract has min_count")
+        else:
+            vocab = spark.read.parquet(reused.vocab_path)
+        vocab.repartition(max(1, len(rare_fields) // 4)).write.parquet(f"{staging}/{VOCAB}")
+        vocab = spark.read.parquet(f"{staging}/{VOCAB}")
+        sizes = {r["field"]: r["n"] for r in vocab.groupBy("field").agg(F.count(F.lit(1)).alias("n")).collect()}
+        digest = vocab.agg(F.bit_xor(F.xxhash64("field", "id")).alias("d")).collect()[0]["d"] or 0
+    info = M.Vocabulary(path=VOCAB, ids_kept={f.name: sizes.get(f.name, 0) for f in rare_fields}, digest=str(digest))
+    return FittedVocabulary(frame=vocab, fields=rare_fields, info=info)
+
+
+def sampling_rates(c: FeatureContract) -> dict[str, float]:
+    """The fraction of negatives kept per split: the contract's rate in train, all of valid and test."""
+    return {s: (c.sampling.neg_sample_rate if s == "train" else 1.0) for s in SPLITS}
+
+
+def write_splits(ids: DataFrame, c: FeatureContract, plan: DayPlan, vocab: FittedVocabulary | None, staging: str,
+                 phase: Phases) -> Written:
+    """The one pass: count, drop malformed lines, map rare ids, sample train negatives, send each row to
+    a planned file of its split, write (to ``staging/_all``). The observations are made here, after
+    the fitting passes, so that they see this pass only."""
+    counted = Observation("featurize: input")
+    ids = ids.observe(counted, F.count(F.lit(1)).alias("lines"), F.count_if(F.col("_bad")).alias("bad"),
+                      *split_counts(~F.col("_bad")))
+    ids = ids.filter(~F.col("_bad")).drop("_bad")
+    if vocab is not None:
+        ids = map_rare(ids, vocab.frame, vocab.fields)
+    rates = sampling_rates(c)
+    ids = sample_negatives(ids, rates["train"], c.sampling.seed, only=F.col("_split") == "train")
+    kept = Observation("featurize: output")
+    ids = ids.observe(kept, *split_counts(F.lit(True)))
+    files = plan_files({s: plan.expected_rows(s, rates[s]) for s in SPLITS}, c.output.rows_per_row_group,
+                       c.output.min_row_groups)
+    with phase("parse, hash, bucket, sample and write train/valid/test"):
+        write_files(ids, files, [LABEL_COLUMN, *c.field_names, DAY_COLUMN], c.sampling.seed,
+                    c.output.rows_per_row_group, f"{staging}/{WRITTEN}")
+    return Written(counted=counted, kept=kept, files=files, rates=rates)
+
+
+def verify_counts(spark: SparkSession, fs: HadoopFS, ids: DataFrame, staging: str, written: Written,
+                  n_files: Mapping[str, int], phase: Phases) -> RunCounts:
+    """The observed counts, checked: each split's rows on disk (Parquet footers) must be the rows
+    observed written, sampling must keep every positive, and an unsampled split every row. When they
+    disagree the input and output are counted again by passes of their own."""
+    obs = written.counted.get
+    lines, bad, before = int(obs["lines"]), int(obs["bad"]), observed(obs)
+    after = observed(written.kept.get)
+    with phase("check the output"):
+        on_disk = {s: fs.parquet_rows(f"{staging}/{s}") if n_files[s] else 0 for s in SPLITS}
+    if any(on_disk[s] != after[s].rows or before[s].positives != after[s].positives
+           or (written.rates[s] >= 1.0 and before[s].rows != after[s].rows) for s in SPLITS):
+        # observed metrics count twice when Spark re-runs a stage after a lost executor: count again
+        log.warning("observed counts %s disagree with the written files' %s (a retried stage?); counting again",
+                    {s: (a.rows, a.positives) for s, a in after.items()}, on_disk)
+        with phase("recount the input and output"):
+            lines, bad, before = recount(ids)
+            after = {s: count_split(spark, f"{staging}/{s}") if n_files[s] else Counts(0, 0) for s in SPLITS}
+    return RunCounts(lines=lines, bad=bad, before=before, after=after, files=dict(n_files))
+
+
+def split_infos(plan: DayPlan, counts: RunCounts, rates: Mapping[str, float]) -> dict[str, M.SplitInfo]:
+    """Each split as the manifest records it."""
+    return {s: M.SplitInfo(days=tuple(plan.split_days[s]), before_sampling=counts.before[s],
+                           rows=counts.after[s].rows, positives=counts.after[s].positives, files=counts.files[s],
+                           neg_sample_rate=rates[s]) for s in SPLITS}
+
+
+def quarantine(spark: SparkSession, o: Options, inputs: DayInputs, path: str, expected: int) -> dict[str, int]:
+    """Write the malformed lines with their day and reason to ``path``; return the count per reason.
+    With none expected, writes an empty dataset without reading the input again. Finding another
+    number than the parse counted stops the job."""
+    out = {r: 0 for r in REASONS}
+    if expected == 0:
+        spark.createDataFrame([], "day int, reason string, line string").write.parquet(path)
+        return out
+    c = o.contract
+    parsed = parse_lines(read_lines(spark, inputs), c)
+    if c.source.day_from == "column":
+        parsed = within_days(parsed, o.days)
+    bad = parsed.filter(F.col("_reason").isNotNull()).select("day", F.col("_reason").alias("reason"),
+                                                               F.col("_line").alias("line"))
+    bad.repartition(max(1, math.ceil(expected / 1_000_000))).write.parquet(path)
+    for r in spark.read.parquet(path).groupBy("reason").count().collect():
+        out[r["reason"]] = int(r["count"])
+    if sum(out.values()) != expected:
+        raise FeaturizeError(f"the parse counted {expected} malformed lines but the quarantine found "
+                             f"{sum(out.values())}; nothing was committed")
+    return out
+
+
+def log_counts(plan: DayPlan, splits: Mapping[str, M.SplitInfo], lines: int, rejects: Mapping[str, int]) -> None:
+    """One log line per split (days, rows before and after sampling, positives, files) and one for the input."""
+    for s in SPLITS:
+        log.info("%s: days %s, %d rows (%d before sampling), %d positives, %d file(s)", s, plan.split_days[s],
+                 splits[s].rows, splits[s].before_sampling.rows, splits[s].positives, splits[s].files)
+    n_rejects = sum(rejects.values())
+    log.info("parsed %d lines: %d good, %d rejected %s", lines, lines - n_rejects, n_rejects,
+             {k: v for k, v in rejects.items() if v})
+
+
+def check_reject_limit(fs: HadoopFS, c: FeatureContract, staging: str, lines: int, rejects: Mapping[str, int]) -> None:
+    """More malformed lines than ``quality.max_reject_fraction`` allows: :class:`RejectLimitError`, with
+    the staging folder kept holding only the rejects (and their reasons) for inspection."""
+    n_rejects = sum(rejects.values())
+    if lines and n_rejects / lines > c.quality.max_reject_fraction:
+        for s in (*SPLITS, VOCAB):
+            if fs.exists(f"{staging}/{s}"):
+                fs.delete(f"{staging}/{s}")
+        raise RejectLimitError(
+            f"{n_rejects} of {lines} lines ({100 * n_rejects / lines:.2f}%) are malformed, more than "
+            f"quality.max_reject_fraction={c.quality.max_reject_fraction}; nothing was committed. "
+            f"The rejected lines and reasons are in {staging}/{REJECTS}")
+
+
+def feature_fingerprint(contract_fp: str, boundaries: Mapping[str, Sequence[float]], vocab_digest: str | None) -> str:
+    """What the ids of this output mean: the contract, the fitted boundaries and the vocabulary."""
+    blob = json.dumps({"c": contract_fp, "b": {k: list(v) for k, v in boundaries.items()}, "v": vocab_digest},
+                      sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def build_manifest(spark: SparkSession, o: Options, inputs: DayInputs, plan: DayPlan,
+                   boundaries: Mapping[str, tuple[float, ...]], vocab: FittedVocabulary | None,
+                   splits: Mapping[str, M.SplitInfo], rejects: Mapping[str, int], lines: int,
+                   seconds_by_step: Mapping[str, float], t0: float) -> Manifest:
+    """What this run made, as the typed manifest."""
+    c = o.contract
+    info = vocab.info if vocab is not None else None
+    return Manifest(
+        contract=c, contract_fingerprint=c.fingerprint,
+        feature_fingerprint=feature_fingerprint(c.fingerprint, boundaries, info.digest if info else None),
+        source_label=c.label, fields=M.fields_of(c), boundaries=dict(boundaries), vocab=info,
+        sampling=M.SamplingInfo(neg_sample_rate=c.sampling.neg_sample_rate, seed=c.sampling.seed),
+        splits=dict(splits), rejects=M.Rejects(total=sum(rejects.values()), by_reason=dict(rejects), path=REJECTS),
+        input=M.InputInfo(path=o.input, files=tuple(p for _, p in inputs), days=plan.days, lines=lines,
+                          reused_from=o.reuse),
+        seconds=round(time.time() - t0, 2), seconds_by_step=dict(seconds_by_step), spark_version=spark.version,
+        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+
+
+def commit_manifest(fs: HadoopFS, staging: str, m: Manifest) -> None:
+    """The manifest, then ``_SUCCESS``: the staging folder is complete."""
+    fs.write_text(f"{staging}/{layout.MANIFEST}", m.dumps())
+    fs.write_text(f"{staging}/{layout.SUCCESS}", "")
+
+
+def commit(fs: HadoopFS, staging: str, out: str, overwrite: bool) -> None:
+    """Move the complete staging folder into place (a rename: atomic on local file systems and HDFS)."""
+    old = None
+    if fs.exists(out):
+        if not overwrite:
+            raise FeaturizeError(f"{out} appeared while the job ran; not replacing it without --overwrite")
+        old = f"{out}.__old-{uuid.uuid4().hex[:8]}"
+        fs.rename(out, old)
+    fs.rename(staging, out)
+    if old:
+        fs.delete(old)

@@ -1,0 +1,137 @@
+"""Spark SQL text for the featurize job's per-column expressions: every function here returns a string.
+
+The strings are projected together (``selectExpr``) or made a Column with ``F.expr``: every call of the
+Column API is a round trip to the JVM, and the wide projections of a run made about 14,000 of them
+(about 2 s of a 1M-row run); one SQL text per column is one call. Everything is a JVM expression (no
+Python UDFs), so executors need none of this project's code. The id layout is the contract's (see
+pipeline.contract; pipeline.ids computes the same ids in plain Python):
+
+    categorical: 0 missing, 1 rare, 2 + pmod(xxhash64(field name, value), hash_buckets - 2)
+    continuous:  0 missing, 1 negative, 2 + bucket
+
+No pyspark import: this module only writes text.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+from pipeline.contract import MISSING_ID, NEGATIVE_ID, RESERVED_IDS, CategoricalField, ContinuousField, FeatureContract
+
+
+def q(name: str) -> str:
+    """A column name as a Spark SQL identifier: C1 -> `C1`."""
+    return "`" + name.replace("`", "``") + "`"
+
+
+def string_literal(text: str) -> str:
+    """A Python string as a Spark SQL string literal: it's -> 'it\\'s'."""
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def double_literal(x: float) -> str:
+    """A float as an exact Spark SQL double literal (Python's repr round-trips; D makes it a double):
+    0.1 -> 0.1D."""
+    return f"{float(x)!r}D"
+
+
+def non_finite_sql(contract: FeatureContract) -> str:
+    """True when a continuous field holds NaN or an infinity (false when there are none).
+
+        fields I1, I2 -> (coalesce(isnan(`I1`) OR abs(`I1`) = CAST('Infinity' AS DOUBLE), false) OR ...)
+    """
+    parts = [f"coalesce(isnan({q(f.name)}) OR abs({q(f.name)}) = CAST('Infinity' AS DOUBLE), false)"
+             for f in contract.continuous]
+    return "(" + (" OR ".join(parts) or "false") + ")"
+
+
+def hash_categorical(name: str, f: CategoricalField) -> str:
+    """Column ``name`` holding field ``f``'s values -> its id: null -> 0, else
+    2 + pmod(xxhash64(f.name, value), buckets - 2).
+
+        C1="68fd1e64", hash_buckets=1000 -> 2 + pmod(xxhash64("C1", "68fd1e64"), 998) = 220
+
+    The field name is part of the hash, so equal strings in two fields get unrelated ids.
+    """
+    c = q(name)
+    return (f"CAST(CASE WHEN {c} IS NULL THEN {MISSING_ID} ELSE pmod(xxhash64({string_literal(f.name)}, {c}), "
+            f"CAST({f.hash_buckets - RESERVED_IDS} AS BIGINT)) + {RESERVED_IDS} END AS INT)")
+
+
+def log_square_bucket(name: str, f: ContinuousField) -> str:
+    """The Criteo winners' rule: v <= 2 -> floor(v), else floor(ln(v)^2); capped at num_buckets - 1.
+
+        null -> 0, -3 -> 1, 0 -> 2, 2 -> 4, 5 -> 2 + floor(ln(5)^2) = 4, 1e9 -> 2 + 63 (cap, 64 buckets)
+    """
+    c = q(name)
+    b = f"least(CASE WHEN {c} <= 2 THEN floor({c}) ELSE floor(pow(ln({c}), 2)) END, {f.num_buckets - 1})"
+    return _reserve(c, f"{b} + {RESERVED_IDS}")
+
+
+def quantile_bucket(name: str, f: ContinuousField, boundaries: Sequence[float]) -> str:
+    """Bucket by fitted boundaries b_1 < ... < b_k: the bucket is #{i: b_i <= v} (a binary search in
+    nested CASE WHENs, so the plan stays in the JVM). Boundaries are compared exactly.
+
+        boundaries [1, 10], v = 0 -> 2, v = 1 -> 3, v = 50 -> 4; null -> 0; -1 -> 1
+    """
+    bs = sorted(set(float(b) for b in boundaries))
+    if len(bs) > f.num_buckets - 1:
+        raise ValueError(f"{f.name}: {len(bs)} boundaries for {f.num_buckets} buckets")
+    c = q(name)
+
+    def search(lo: int, hi: int) -> str:     # count of boundaries <= v, knowing it is in [lo, hi]
+        if lo == hi:
+            return str(lo)
+        mid = (lo + hi + 1) // 2               # is b_mid (1-based) <= v ?
+        return f"CASE WHEN {c} >= {double_literal(bs[mid - 1])} THEN {search(mid, hi)} ELSE {search(lo, mid - 1)} END"
+
+    return _reserve(c, f"{search(0, len(bs))} + {RESERVED_IDS}")
+
+
+def _reserve(c: str, bucket: str) -> str:
+    # A non-finite value makes the line malformed (check_records), but Spark evaluates this expression on
+    # rows a later filter drops, and under ANSI mode floor(ln(inf)^2) cast to int raises: such a value
+    # gets the missing id here, so the expression cannot fail whatever the row.
+    return (f"CAST(CASE WHEN {c} IS NULL OR isnan({c}) OR abs({c}) = CAST('Infinity' AS DOUBLE) THEN {MISSING_ID} "
+            f"WHEN {c} < 0 THEN {NEGATIVE_ID} ELSE {bucket} END AS INT)")
+
+
+def quantile_probabilities(f: ContinuousField) -> list[float]:
+    """The probabilities whose quantiles become the boundaries: k / num_buckets, k = 1..num_buckets-1.
+
+        num_buckets=4 -> [0.25, 0.5, 0.75]
+    """
+    return [k / f.num_buckets for k in range(1, f.num_buckets)]
+
+
+def pack_ints(names: Sequence[str]) -> list[str]:
+    """Non-null int columns -> longs holding two each (``_p0`` = names[0] << 32 | names[1], ...; an odd
+    last one alone), for a shuffle: Spark's rows spend 8 bytes on every field, so 41 int columns shuffle
+    and sort as 21 longs, half the bytes. :func:`unpack_ints` undoes it.
+
+        a=1, b=-2 -> _p0 = 0x00000001_FFFFFFFE
+    """
+    out = []
+    for j in range(0, len(names), 2):
+        hi = f"CAST({q(names[j])} AS BIGINT)"
+        if j + 1 < len(names):
+            hi = f"shiftleft({hi}, 32) | (CAST({q(names[j + 1])} AS BIGINT) & 4294967295)"
+        out.append(f"{hi} AS `_p{j // 2}`")
+    return out
+
+
+def unpack_ints(names: Sequence[str]) -> list[str]:
+    """The columns of :func:`pack_ints` -> the int columns ``names`` again (signs kept).
+
+        _p0 = 0x00000001_FFFFFFFE -> a=1, b=-2
+    """
+    out = []
+    for j, name in enumerate(names):
+        p = f"`_p{j // 2}`"
+        if j % 2 == 0 and j + 1 < len(names):
+            v = f"shiftright({p}, 32)"
+        elif j % 2 == 0:
+            v = p
+        else:    # the low 32 bits, sign-extended in long arithmetic before the (then exact) cast
+            v = f"(({p} & 4294967295) ^ 2147483648) - 2147483648"
+        out.append(f"CAST({v} AS INT) AS {q(name)}")
+    return out
