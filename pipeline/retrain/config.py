@@ -8,7 +8,7 @@ and the whole argument list retraining will pass by the trainer's own parser, he
 runs. So ``train: {dropout: 1.5}`` and ``train: {extra_args: [--modle, fm]}`` fail at load, naming the
 key, not hours later after featurize.
 
-No pyspark and no torch import (deepfm.trainconf imports neither).
+Imports neither Spark nor torch (deepfm.trainconf imports neither).
 """
 from __future__ import annotations
 
