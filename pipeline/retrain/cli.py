@@ -12,7 +12,8 @@ from pipeline.retrain.run import EXIT_CONFIG, run
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m pipeline.retrain",
-                                description="one scheduled retraining run (see pipeline/retrain/__init__.py)")
+                                description="one scheduled retraining run: featurize the newest window, train a "
+                                            "candidate, gate it against the current model, promote it")
     p.add_argument("--config", default=str(ROOT / "conf" / "retrain.yaml"), help="retrain settings (conf/retrain.yaml)")
     p.add_argument("--day", type=int, help="process this day as the newest (held-out) day instead of the newest "
                                            "complete one")

@@ -27,6 +27,8 @@ from pipeline.retrain.jsonio import fsync_dir, now, read_json, write_json
 CURRENT = "current"
 LOCK = ".lock"
 LINEAGE = "lineage.json"
+METRICS = "metrics.json"                # a version's test metrics, the current model's on the same rows, the gate
+TRAIN_METRICS = "train_metrics.json"    # the trainer's own metrics.json of the run
 CHECKPOINT = "checkpoint"               # a version's model: a copy of the run's latest complete checkpoint
 FEATURES = "features"                   # a version's manifest (+ vocabulary) and _SUCCESS, for --reuse
 VERSION_RE = re.compile(r"^v(\d{6})$")

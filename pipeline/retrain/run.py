@@ -25,8 +25,8 @@ from pipeline.retrain.jsonio import now, read_json, write_json
 from pipeline.retrain.plan import Nothing, Plan, PlanError, cold_after_featurize, make_plan
 from pipeline.retrain.procs import (Interrupted, StepError, child_env, find_tool, kill_stale, quote, run_child)
 from pipeline.retrain.records import RunRecord, RunRecords
-from pipeline.retrain.registry import (CURRENT, LOCK, LockBusy, Registry, RegistryError, RegistryState, RunLock,
-                                       Version)
+from pipeline.retrain.registry import (CURRENT, LOCK, METRICS, TRAIN_METRICS, LockBusy, Registry, RegistryError,
+                                       RegistryState, RunLock, Version)
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_LOCKED = 0, 1, 2, 3
 
@@ -328,9 +328,9 @@ class Run:
             "feature_fingerprint": manifest.feature_fingerprint, "contract_fingerprint": manifest.contract_fingerprint,
             "contract": plan.contract, "train": plan.train,
         }
-        documents = {"train_metrics.json": train_metrics,
-                     "metrics.json": {"test": r["candidate_metrics"], "current_on_same_rows": r["current_metrics"],
-                                      "gate": checks, "test_day": plan.day}}
+        documents = {TRAIN_METRICS: train_metrics,
+                     METRICS: {"test": r["candidate_metrics"], "current_on_same_rows": r["current_metrics"],
+                              "gate": checks, "test_day": plan.day}}
         return self.registry.publish(plan.run_key, ckpt, feat, manifest, documents, lineage)
 
     def _finish(self, plan: Plan, day_dir: Path, version: Version | None, warm_from: str | None,
