@@ -50,7 +50,7 @@ def evaluate(run: Path, data: Path, split: str, checkpoint: Path | None = None, 
 
 def main(argv: Sequence[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, force=True, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*autograd kernel was not registered.*")   # fbgemm CPU ops
     p = argparse.ArgumentParser(prog="python -m deepfm.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("--run", "--run-dir", dest="run", required=True, type=Path,
                    help="run folder (under torchrun write --run-dir: torchrun takes --run for its own --run-path)")

@@ -58,7 +58,7 @@ def _train(a: argparse.Namespace, cfg: TrainConfig, cluster: Cluster) -> dict:
     t = sharded.build(ds.fields, cfg, cluster)
     log.info("rank %d/%d on %s (%s); model %s; plan %s", cluster.rank, cluster.world, cluster.device, cluster.backend,
              cfg.model, t.plan_summary() if cluster.is_main else "")
-    state = start_or_resume(t, ds, cfg, cluster, run, a)
+    state = start_or_resume(t, ds, cfg, cluster, run, a.warm_start)
     loop = Loop(t, ds, cfg, cluster, run, state)
     while state.epoch < cfg.epochs and not loop.stop:
         loop.one_epoch()
@@ -75,20 +75,20 @@ def resolve(cfg: TrainConfig, cluster: Cluster) -> TrainConfig:
 
 
 def start_or_resume(t: sharded.Trainable, ds: inputs.Dataset, cfg: TrainConfig, cluster: Cluster, run: Path,
-                    a: argparse.Namespace) -> TrainState:
+                    warm_start: str | None) -> TrainState:
     """Where to start: a checkpoint of this run (resume: weights, optimizers and progress), else a warm
-    start (weights only), else from scratch."""
+    start (weights only, from a checkpoint or a run folder's latest), else from scratch."""
     state = TrainState(world_size=cluster.world, feature_fingerprint=ds.fingerprint,
                        contract_fingerprint=ds.contract_fingerprint, config=cfg, fields=tuple(ds.fields),
-                       data=str(Path(a.data).resolve()))
+                       data=str(ds.root.resolve()))
     resume = layout.latest_checkpoint(run)
     if resume is not None:
         state = state.resumed(sharded.load(t, resume, ds.fingerprint))
         log.info("resumed from %s (epoch %d, step %d)", resume, state.epoch, state.global_step)
-    elif a.warm_start:
-        ckpt = layout.checkpoint_of(Path(a.warm_start))
+    elif warm_start:
+        ckpt = layout.checkpoint_of(Path(warm_start))
         if ckpt is None:
-            raise sharded.CheckpointError(f"--warm-start {a.warm_start}: no complete checkpoint there")
+            raise sharded.CheckpointError(f"--warm-start {warm_start}: no complete checkpoint there")
         sharded.load(t, ckpt, ds.fingerprint, with_optimizer=False)
         log.info("warm start from %s", ckpt)
     return state

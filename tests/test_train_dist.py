@@ -1,6 +1,7 @@
 """deepfm/train.py under real torchrun with gloo ranks, on the shared featurized data."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -15,7 +16,10 @@ import psutil
 import pytest
 import torch
 
+from deepfm import state
 from deepfm.cluster import native_bf16
+from pipeline import layout
+from pipeline import manifest as M
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow
@@ -43,14 +47,14 @@ def trained(featurized: Path, tmp_path_factory) -> Path:
 
 def test_two_ranks_beat_a_constant_predictor(trained: Path, featurized: Path):
     m = metrics(trained)
-    manifest = json.loads((featurized / "manifest.json").read_text())
+    manifest = M.read(featurized)
     assert m["world_size"] == 2
-    assert m["test"]["rows"] == manifest["splits"]["test"]["rows"]
-    assert m["valid"]["rows"] == manifest["splits"]["valid"]["rows"]
+    assert m["test"]["rows"] == manifest.splits["test"].rows
+    assert m["valid"]["rows"] == manifest.splits["valid"].rows
     assert m["test"]["auc"] > 0.62                     # a constant predictor has AUC 0.5
     assert m["test"]["ne"] < 1.0                       # and NE 1
     assert 0.7 < m["test"]["calibration"] < 1.3        # sampling correction applied
-    steps = manifest["splits"]["train"]["rows"] // (512 * 2)
+    steps = manifest.splits["train"].rows // (512 * 2)
     assert m["global_step"] == 2 * steps
     assert m["train"]["examples"] == 2 * steps * 1024 and m["train"]["examples_per_s"] > 0
     assert len(m["history"]) == 2
@@ -64,10 +68,11 @@ def test_the_tested_weights_are_the_best_valid_ones(trained: Path):
     best = max(m["history"], key=lambda h: h["auc"])
     assert m["weights_from_step"] == m["valid_best_step"] == best["step"]
     assert m["valid"] == best and m["valid_best_auc"] == best["auc"]
-    assert json.loads((trained / "checkpoints" / "best" / "meta.json").read_text())["global_step"] == best["step"]
-    last = sorted((trained / "checkpoints").glob("step_*"))[-1]       # what deepfm.evaluate and warm starts load
+    assert state.read(layout.best_checkpoint_dir(trained)).global_step == best["step"]
+    last = layout.latest_checkpoint(trained)       # what deepfm.evaluate and warm starts load
+    assert last is not None and last == sorted((trained / "checkpoints").glob("step_*"))[-1]
     if best["step"] != m["global_step"]:
-        assert json.loads((last / "meta.json").read_text())["weights_from_step"] == best["step"]
+        assert state.read(last).weights_from_step == best["step"]
 
 
 def test_evaluate_at_another_world_size_gives_the_same_metrics(trained: Path, featurized: Path):
@@ -102,8 +107,7 @@ def test_a_killed_worker_is_restarted_and_resumes(featurized: Path, tmp_path: Pa
     text = (tmp_path / "log").read_text()
     assert "resumed from" in text
     m = metrics(run)
-    manifest = json.loads((featurized / "manifest.json").read_text())
-    assert m["global_step"] == 2 * (manifest["splits"]["train"]["rows"] // 1024)
+    assert m["global_step"] == 2 * (M.read(featurized).splits["train"].rows // 1024)
     assert m["test"]["auc"] > 0.6
 
 
@@ -140,9 +144,7 @@ def test_two_nodes_on_one_machine(featurized: Path, tmp_path: Path):
 def test_data_with_another_fingerprint_is_refused(trained: Path, featurized: Path, tmp_path: Path):
     other = tmp_path / "other"
     shutil.copytree(featurized, other)
-    man = json.loads((other / "manifest.json").read_text())
-    man["feature_fingerprint"] = "0000000000000000"
-    (other / "manifest.json").write_text(json.dumps(man))
+    M.write(other, dataclasses.replace(M.read(other), feature_fingerprint="0000000000000000"))
     run = tmp_path / "run"
     shutil.copytree(trained, run)
     r = torchrun(["--data", str(other), "--out", str(run), *FAST], nproc=1)
@@ -151,3 +153,11 @@ def test_data_with_another_fingerprint_is_refused(trained: Path, featurized: Pat
     r = subprocess.run([sys.executable, "-m", "deepfm.evaluate", "--run", str(run), "--data", str(other)],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "the ids mean different things" in r.stderr
+
+
+def test_evaluate_names_a_missing_checkpoint(tmp_path: Path):
+    missing = tmp_path / "no" / "such" / "checkpoint"
+    r = subprocess.run([sys.executable, "-m", "deepfm.evaluate", "--run", str(tmp_path), "--data", str(tmp_path),
+                        "--checkpoint", str(missing)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1] == f"evaluate: error: {missing}: no complete checkpoint"
