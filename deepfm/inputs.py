@@ -94,7 +94,7 @@ class Batch(Pipelineable):
 
     def record_stream(self, stream: torch.Stream) -> None:
         self.kjt.record_stream(stream)
-        self.labels.record_stream(stream)   # type: ignore[arg-type]
+        self.labels.record_stream(stream)
 
     def pin_memory(self) -> "Batch":
         return Batch(self.kjt.pin_memory(), self.labels.pin_memory(), self.valid)

@@ -147,8 +147,8 @@ class DeepFM(nn.Module):
 
 class DeepFMTrain(nn.Module):
     """The train wrapper (torchrec's ``DLRMTrain`` shape): ``forward(batch) -> (loss, (loss, logits, labels))``,
-    the last three detached. DistributedModelParallel wraps this module, so the loss is part of what
-    TorchRec's ``TrainPipelineSparseDist`` runs.
+    the inner loss and logits detached. DistributedModelParallel wraps this module, so the loss is part of
+    what TorchRec's ``TrainPipelineSparseDist`` runs.
 
     loss = BCE(logits, labels) + embedding_l2 * mean_rows(||looked-up rows||^2); ``bf16`` runs the model
     under bf16 autocast (the loss in fp32). Evaluation calls :attr:`model` itself (fp32, logits only).

@@ -23,13 +23,21 @@ from deepfm.sharded import Trainable
 
 # What `train_pipeline: auto` means on each device, and why.
 #
-# On this project's CPU (Intel Xeon Processor with AVX-512 BF16, 2 cores; 2 ranks, gloo; torchrec 1.8;
-# `torchrun --standalone --nproc_per_node=2 deepfm/train.py --data <criteo.yaml data> --out <run>
-# --max-steps 60 --checkpoint-every-steps 0 --no-test`, batch 2,048 per rank, bf16) the two measured
-# MEASURED_CPU. On the CPU there are no streams to overlap on: the pipeline does the same work in
-# another order, plus its bookkeeping, so the plain loop is the CPU's default.
-# On CUDA the pipeline is what TorchRec's own DLRM example trains with (the copy and the all-to-all run
-# on side streams while the default stream computes); it has not been measured here (no GPU machine).
+# Measured 2026-12-01 on this project's machine (CPU "Intel(R) Xeon(R) Processor" per /proc/cpuinfo,
+# 2 cores, avx512_bf16; torch 2.13, torchrec 1.8, gloo), both loops in the same sitting, interleaved:
+#   torchrun --standalone --nproc_per_node=2 deepfm/train.py --data <conf/criteo.yaml data, 4 days x 150k
+#     rows, 187k train rows> --out <run> --config <train_pipeline: plain | sparse_dist> --max-steps 60
+#     --checkpoint-every-steps 0 --no-test          (batch 2,048 per rank, 400-400-400, bf16 auto: on)
+# examples/s from metrics.json, plain / sparse_dist, pair by pair (the machine was shared; the load
+# average went from 0.5 to 9): 12,551 / 12,519; 10,237 / 9,205; 9,497 / 9,818; 18,066 / 12,795;
+# 14,645 / 12,553; 10,086 / 10,003; 10,400 / 9,277. Medians 10,400 (plain) and 10,003 (sparse_dist);
+# plain was the faster in 6 of 7 pairs and by the most when the machine was quietest. Both give
+# bit-identical metrics (same batches, same order: on conf/criteo_small.yaml data with reader_workers 1,
+# against the loop before the train wrapper too, with and without mid-epoch evaluations and embedding_l2).
+# On the CPU there are no CUDA streams to overlap on: the pipeline only moves the next batch's id
+# all-to-all earlier (onto the same 2 cores), reads two batches ahead and traces the model with torch.fx
+# at each start (each epoch, each mid-epoch evaluation), so plain is the CPU's default. On CUDA the pipeline is what TorchRec trains with (the copy and the all-to-all on side streams
+# while the default stream computes): auto picks it there, unmeasured here (no GPU machine).
 AUTO = {"cpu": "plain", "cuda": "sparse_dist"}
 
 
