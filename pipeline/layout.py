@@ -14,6 +14,30 @@ from urllib.parse import urlparse
 SUCCESS = "_SUCCESS"            # written last into a featurized (or scored) output: it is complete
 MANIFEST = "manifest.json"      # the featurized data's manifest (pipeline.manifest reads and writes it)
 
+# --- a featurized output's folders ---------------------------------------------------------------------
+# (train/, valid/, test/ are pipeline.manifest.SPLITS)
+VOCAB = "vocab"                 # OUTPUT/vocab: the frequent ids of the min_count fields
+REJECTS = "rejects"             # OUTPUT/rejects: the malformed lines, their day and reason
+WRITTEN = "_all"                # STAGING/_all: the one flat write, before its files move into the splits
+STAGING_INFIX = ".__staging-"   # OUTPUT.__staging-<id>: where a run writes, renamed to OUTPUT at the end
+OLD_INFIX = ".__old-"           # OUTPUT.__old-<id>: the replaced output (--overwrite), deleted after the rename
+
+
+def staging_dir(output: str, token: str) -> str:
+    """The staging folder beside ``output``: ``/d/feat``, ``ab12`` -> ``/d/feat.__staging-ab12``."""
+    return f"{output}{STAGING_INFIX}{token}"
+
+
+def old_dir(output: str, token: str) -> str:
+    """Where ``--overwrite`` moves the replaced output: ``/d/feat``, ``ab12`` -> ``/d/feat.__old-ab12``."""
+    return f"{output}{OLD_INFIX}{token}"
+
+
+def local_path(path: str) -> str | None:
+    """A local path (no scheme, or ``file:``) as its real absolute form, or None for another file
+    system's URL: ``file:/d/raw`` -> ``/d/raw``; ``hdfs://nn/d/raw`` -> None."""
+    return _local(path)
+
 
 class PathOverlapError(ValueError):
     """Two folders that must be apart (what a step reads, what it writes or deletes) overlap."""
@@ -87,6 +111,29 @@ def day_file_name(file_pattern: str, day: int) -> str:
 
 def _unescape(literal: str) -> str:
     return re.sub(r"\\(.)", r"\1", literal)
+
+
+def missing_days(days: Sequence[int]) -> tuple[int, ...]:
+    """The day numbers between the first and last of ``days`` that are not among them.
+
+        missing_days([0, 1, 3, 6]) -> (2, 4, 5);  missing_days([]) -> ()
+    """
+    have = set(days)
+    return tuple(d for d in range(min(have), max(have) + 1) if d not in have) if have else ()
+
+
+def day_ranges(days: Sequence[int]) -> str:
+    """Days as short text, consecutive runs joined: ``[2, 4, 5, 6, 9]`` -> ``"2, 4-6, 9"``."""
+    out: list[str] = []
+    ds = sorted(set(days))
+    i = 0
+    while i < len(ds):
+        j = i
+        while j + 1 < len(ds) and ds[j + 1] == ds[j] + 1:
+            j += 1
+        out.append(str(ds[i]) if i == j else f"{ds[i]}-{ds[j]}")
+        i = j + 1
+    return ", ".join(out)
 
 
 def done_marker(day_file: str) -> str:

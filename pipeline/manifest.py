@@ -84,7 +84,7 @@ class SplitInfo:
 class Rejects:
     total: int
     by_reason: Mapping[str, int]
-    path: str = "rejects"
+    path: str = layout.REJECTS
 
 
 @dataclass(frozen=True)
@@ -94,6 +94,7 @@ class InputInfo:
     days: tuple[int, ...]
     lines: int
     reused_from: str | None = None
+    missing_days: tuple[int, ...] = ()  # days missing between the first and last, featurized with --allow-day-gaps
 
 
 @dataclass(frozen=True)
