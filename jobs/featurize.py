@@ -1,10 +1,11 @@
 """spark-submit jobs/featurize.py: raw click logs -> hashed, bucketed, negatively-sampled Parquet.
 
     spark-submit jobs/featurize.py --input data/raw --output data/featurized [--config conf/criteo.yaml]
-        [--neg-sample-rate R] [--valid-days N] [--test-days N] [--reuse PREVIOUS_OUTPUT] [--overwrite]
+        [--neg-sample-rate R] [--valid-days N] [--test-days N] [--reuse PREVIOUS_OUTPUT] [--allow-day-gaps]
+        [--overwrite]
 
 Writes OUTPUT/{train,valid,test} (Parquet, one row group per file), OUTPUT/rejects (malformed lines
-with their reason), OUTPUT/vocab (frequent ids, when a field has min_count > 0), OUTPUT/manifest.json
+with their reason, as text and as their exact bytes), OUTPUT/vocab (frequent ids, when a field has min_count > 0), OUTPUT/manifest.json
 and OUTPUT/_SUCCESS. Everything is written to a staging folder beside OUTPUT and renamed into place at
 the end, so OUTPUT is complete or absent.
 
@@ -26,7 +27,7 @@ from pipeline.config import ConfigError, parse_yaml
 from pipeline.contract import ContractError, FeatureContract, load_contract
 from pipeline.manifest import Manifest
 from pipeline.spark.errors import FeaturizeError, RejectLimitError
-from pipeline.spark.featurize import Options, check_paths, run
+from pipeline.spark.featurize import Options, check_local_paths, check_paths, run
 
 DEFAULT_CONFIG = str(Path(__file__).resolve().parent.parent / "conf" / "criteo.yaml")
 # flag -> the contract key it overrides
@@ -53,6 +54,9 @@ def _parser() -> argparse.ArgumentParser:
                                    "ids mean the same as there (scheduled retraining)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any contract key, e.g. --set categorical.fields.C3.min_count=5 (YAML value)")
+    p.add_argument("--allow-day-gaps", action="store_true",
+                   help="featurize although days are missing between the first and last day (a warning, and the "
+                        "manifest's input.missing_days), instead of refusing")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     return p
 
@@ -85,8 +89,10 @@ def _days(text: str | None) -> tuple[int, int] | None:
 def parse_args(argv: Sequence[str] | None) -> Options:
     a = _parser().parse_args(argv)
     o = Options(input=a.input, output=a.output.rstrip("/"), contract=_contract(a), overwrite=a.overwrite,
-                reuse=a.reuse, days=_days(a.days))
-    check_paths(o.output, o.input, o.reuse)      # before Spark starts (run() checks the qualified paths again)
+                reuse=a.reuse, days=_days(a.days), allow_day_gaps=a.allow_day_gaps)
+    # before Spark starts, so that a wrong path fails in a moment (run() checks the qualified paths again)
+    check_paths(o.output, o.input, o.reuse)
+    check_local_paths(o.input, o.output, o.overwrite, o.reuse)
     return o
 
 
@@ -104,6 +110,7 @@ def get_spark() -> SparkSession:
 
 def main(argv: Sequence[str] | None = None) -> Manifest:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("py4j").setLevel(logging.WARNING)     # its INFO lines at shutdown would follow an error line
     o = parse_args(argv)
     m = run(get_spark(), o)
     print(m.summary_line())

@@ -1,11 +1,13 @@
 """The featurize run: raw click logs -> hashed, bucketed, negatively-sampled Parquet and its Manifest.
 
-:func:`run` checks the folders, reads ``--reuse`` and finds the day files, then has :func:`featurize`
-write everything into a staging folder beside the output and renames it into place (so the output is
-complete or absent). :func:`featurize` is the list of steps, each a function below:
+:func:`run` checks the folders, reads ``--reuse`` and finds the day files (:func:`find_inputs`: one
+file per day, no day missing, each header line as the contract says), then has :func:`featurize` write
+everything into a staging folder beside the output and renames it into place (so the output is
+complete or absent; a file Spark cannot read, such as a truncated ``.gz``, becomes one FeaturizeError
+line naming it). :func:`featurize` is the list of steps, each a function below:
 
     plan days -> fit boundaries -> fit vocabulary -> the one pass -> place files -> verify counts
-    -> quarantine -> check the reject limit -> commit the manifest
+    -> quarantine -> check the reject limit -> check no split is empty -> commit the manifest
 
 One pass over the input does the work: Spark's CSV reader parses each line once, every id is a JVM
 expression, one shuffle places each split's rows in the files planned for them (train rows in a seeded
@@ -20,6 +22,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import time
 import uuid
 from contextlib import contextmanager
@@ -35,18 +38,17 @@ from pipeline.contract import CategoricalField, FeatureContract
 from pipeline.layout import PathOverlapError, refuse_overlap
 from pipeline.manifest import DAY_COLUMN, LABEL_COLUMN, SPLITS, Counts, Manifest, ManifestError
 from pipeline.spark.counts import count_split, observed, recount, split_counts
-from pipeline.spark.errors import FeaturizeError, RejectLimitError
+from pipeline.spark.errors import FeaturizeError, RejectLimitError, read_failure
 from pipeline.spark.hadoopfs import HadoopFS
 from pipeline.spark.placement import FilePlan, place_files, plan_files, write_files
-from pipeline.spark.records import (REASONS, DayInputs, check_records, count_lines, find_day_inputs, parse_lines,
-                                    read_lines, read_records)
+from pipeline.spark.records import (REASONS, DayInputs, check_headers, check_records, count_lines, find_day_inputs,
+                                    parse_lines, read_lines, read_records, reject_columns)
 from pipeline.spark.sql import quantile_probabilities
 from pipeline.spark.transforms import frequent_ids, map_rare, sample_negatives, to_ids, with_split, within_days
 
 log = logging.getLogger("jobs.featurize")       # the job's logger, by the name its log lines have always had
-VOCAB = "vocab"            # the output's folder of frequent ids (min_count)
-REJECTS = "rejects"        # the output's folder of malformed lines with their reason
-WRITTEN = "_all"           # the staging folder's one flat write, before place_files
+# the rejects' columns: the raw line as valid UTF-8 text and as its exact bytes (records.reject_columns)
+REJECTS_SCHEMA = "day int, reason string, line string, line_bytes binary"
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,7 @@ class Options:
     overwrite: bool
     reuse: str | None
     days: tuple[int, int] | None
+    allow_day_gaps: bool = False      # featurize although days are missing between the first and last
 
 
 def check_paths(output: str, input: str, reuse: str | None) -> None:
@@ -68,6 +71,47 @@ def check_paths(output: str, input: str, reuse: str | None) -> None:
         refuse_overlap(("--output", output), ("--input", input), ("--reuse", reuse))
     except PathOverlapError as e:
         raise FeaturizeError(str(e)) from None
+
+
+def check_local_paths(input: str, output: str, overwrite: bool, reuse: str | None) -> None:
+    """The folder checks that need no Spark session, for local paths (no scheme, or ``file:``): the
+    input folder exists, the output does not (unless ``overwrite``), ``reuse`` is a complete output.
+    Run while parsing the arguments, so that a mistyped path fails in a moment rather than after the
+    session starts; :func:`run` checks the qualified paths again (and those of other file systems).
+
+        check_local_paths("/d/raw", "/d/feat", overwrite=False, reuse=None), /d/feat exists
+        -> FeaturizeError("--output /d/feat exists; pass --overwrite to replace it")
+    """
+    local_in = layout.local_path(input)
+    if local_in is not None and not os.path.isdir(local_in):
+        raise FeaturizeError(f"--input {input}: " + ("not a folder" if os.path.exists(local_in) else "no such folder"))
+    local_out = layout.local_path(output)
+    if local_out is not None and os.path.exists(local_out) and not overwrite:
+        raise FeaturizeError(f"--output {output} exists; pass --overwrite to replace it")
+    local_reuse = layout.local_path(reuse) if reuse else None
+    if local_reuse is not None:
+        if not os.path.isdir(local_reuse):
+            raise FeaturizeError(f"--reuse {reuse}: no such folder")
+        if not os.path.exists(os.path.join(local_reuse, layout.SUCCESS)):
+            raise FeaturizeError(f"--reuse {reuse}: not a complete featurized output (no {layout.SUCCESS})")
+
+
+def check_day_gaps(days: Sequence[int], allow: bool) -> tuple[int, ...]:
+    """The days missing between the first and last day found; a :class:`FeaturizeError` naming them
+    unless ``allow`` (then a warning, and the manifest records them).
+
+        [0, 1, 3], allow=False -> FeaturizeError("day(s) 2 missing between day 0 and day 3 ...")
+        [0, 1, 3], allow=True -> (2,)
+    """
+    missing = layout.missing_days(days)
+    if missing:
+        what = (f"day(s) {layout.day_ranges(missing)} missing between day {min(days)} and day {max(days)} "
+                f"({len(missing)} of {max(days) - min(days) + 1})")
+        if not allow:
+            raise FeaturizeError(f"{what}: the splits would silently skip them; add the missing days, choose "
+                                 "--days without the gap, or pass --allow-day-gaps")
+        log.warning("%s; featurizing anyway (--allow-day-gaps), the manifest records them", what)
+    return missing
 
 
 def assign_splits(days: Sequence[int], valid_days: int, test_days: int) -> dict[str, list[int]]:
@@ -117,6 +161,7 @@ class DayPlan:
     days: tuple[int, ...]
     split_days: Mapping[str, list[int]]
     rows_by_day: Mapping[int, tuple[int, int]]
+    missing_days: tuple[int, ...] = ()          # between the first and last day (--allow-day-gaps)
 
     def expected_rows(self, split: str, neg_sample_rate: float) -> int:
         """The rows ``split`` should have after sampling: every positive and the rate of negatives."""
@@ -173,20 +218,41 @@ def run(spark: SparkSession, o: Options) -> Manifest:
     if fs.exists(out) and not o.overwrite:
         raise FeaturizeError(f"--output {o.output} exists; pass --overwrite to replace it")
     reused = load_reuse(spark, o.reuse, c) if o.reuse else None
-    inputs = find_day_inputs(in_fs, in_fs.qualify(o.input), c, o.days)
-    log.info("%s: %d input(s) %s", c.name, len(inputs), ", ".join(p.rsplit("/", 1)[-1] for _, p in inputs))
+    inputs = find_inputs(in_fs, in_fs.qualify(o.input), o)
 
-    staging = f"{out}.__staging-{uuid.uuid4().hex[:8]}"
+    staging = layout.staging_dir(out, uuid.uuid4().hex[:8])
     try:
         m = featurize(spark, o, fs, inputs, staging, reused, t0)
         commit(fs, staging, out, o.overwrite)
     except RejectLimitError:
         raise                                  # its staging folder holds the rejects; the message names it
-    except BaseException:
+    except BaseException as e:
         if fs.exists(staging):
             fs.delete(staging)
+        failure = read_failure(e)              # an unreadable input file (a truncated .gz): one line, no trace
+        if failure is not None:
+            raise failure from None
         raise
     return m
+
+
+def find_inputs(fs: HadoopFS, input_dir: str, o: Options) -> DayInputs:
+    """The day files of this run, checked before anything is written: one file per day, no day missing
+    between the first and last (unless ``--allow-day-gaps``), and with ``source.header`` each file's
+    header line naming ``source.columns``. Entries that match no file pattern are named in one warning."""
+    c = o.contract
+    found = find_day_inputs(fs, input_dir, c, o.days)
+    inputs = found.inputs
+    log.info("%s: %d input(s) %s", c.name, len(inputs), ", ".join(p.rsplit("/", 1)[-1] for _, p in inputs))
+    if found.unmatched:
+        log.warning("--input %s: %d entr%s not read, matching no source.file_pattern %r: %s", input_dir,
+                    len(found.unmatched), "y" if len(found.unmatched) == 1 else "ies", c.source.file_pattern,
+                    ", ".join(found.unmatched))
+    if c.source.day_from == "file_name":
+        check_day_gaps([d for d, _ in inputs if d is not None], o.allow_day_gaps)
+    if c.source.header:
+        log.info("checked the header line of %d file(s)", check_headers(fs, inputs, c))
+    return inputs
 
 
 def featurize(spark: SparkSession, o: Options, fs: HadoopFS, inputs: DayInputs, staging: str,
@@ -200,18 +266,19 @@ def featurize(spark: SparkSession, o: Options, fs: HadoopFS, inputs: DayInputs, 
     checked = check_records(read_records(spark, inputs, c), c)
     if c.source.day_from == "column":
         checked = within_days(checked, o.days)
-    plan = plan_days(spark, c, inputs, checked, phase)
+    plan = plan_days(spark, c, inputs, checked, phase, o.allow_day_gaps)
     boundaries = fit_boundaries(checked, c, plan, reused, phase)
     ids = with_split(to_ids(checked, c, boundaries, c.sampling.seed, keep=["_bad"]), plan.split_days)
     vocab = fit_vocabulary(spark, ids, c, plan, reused, staging, phase)
     written = write_splits(ids, c, plan, vocab, staging, phase)
-    n_files = place_files(fs, f"{staging}/{WRITTEN}", staging, written.files.parts())
+    n_files = place_files(fs, f"{staging}/{layout.WRITTEN}", staging, written.files.parts())
     counts = verify_counts(spark, fs, ids, staging, written, n_files, phase)
     splits = split_infos(plan, counts, written.rates)
     with phase("quarantine malformed lines"):
-        rejects = quarantine(spark, o, inputs, f"{staging}/{REJECTS}", counts.bad)
+        rejects = quarantine(spark, o, inputs, f"{staging}/{layout.REJECTS}", counts.bad)
     log_counts(plan, splits, counts.lines, rejects)
     check_reject_limit(fs, c, staging, counts.lines, rejects)
+    check_splits_have_rows(spark, plan, splits, f"{staging}/{layout.REJECTS}")
     m = build_manifest(spark, o, inputs, plan, boundaries, vocab, splits, rejects, counts.lines, phase.seconds, t0)
     commit_manifest(fs, staging, m)
     return m
@@ -237,9 +304,10 @@ def load_reuse(spark: SparkSession, path: str, c: FeatureContract) -> Reused:
 
 
 def plan_days(spark: SparkSession, c: FeatureContract, inputs: DayInputs, checked: DataFrame,
-              phase: Phases) -> DayPlan:
+              phase: Phases, allow_day_gaps: bool = False) -> DayPlan:
     """Which days there are, which split each belongs to, and about how many rows each has: from the
-    file names and a line count, or (days from a column) from a pass over the checked records."""
+    file names and a line count, or (days from a column) from a pass over the checked records. Days
+    missing between the first and last are refused unless ``allow_day_gaps`` (:func:`check_day_gaps`)."""
     if c.source.day_from == "file_name":
         days = sorted({d for d, _ in inputs if d is not None})
         with phase("count lines (to plan files)"):
@@ -252,8 +320,10 @@ def plan_days(spark: SparkSession, c: FeatureContract, inputs: DayInputs, checke
         days = sorted(rows_by_day)
         if not days:
             raise FeaturizeError("no good rows in the input")
+    # days from file names were checked with the file names (find_inputs), before anything was read
+    missing = layout.missing_days(days) if c.source.day_from == "file_name" else check_day_gaps(days, allow_day_gaps)
     return DayPlan(days=tuple(days), split_days=assign_splits(days, c.splits.valid_days, c.splits.test_days),
-                   rows_by_day=rows_by_day)
+                   rows_by_day=rows_by_day, missing_days=missing)
 
 
 def fit_boundaries(checked: DataFrame, c: FeatureContract, plan: DayPlan, reused: Reused | None,
@@ -292,11 +362,11 @@ def fit_vocabulary(spark: SparkSession, ids: DataFrame, c: FeatureContract, plan
             raise FeaturizeError("--reuse: the earlier output has no vocabulary, but this contract has min_count")
         else:
             vocab = spark.read.parquet(reused.vocab_path)
-        vocab.repartition(max(1, len(rare_fields) // 4)).write.parquet(f"{staging}/{VOCAB}")
-        vocab = spark.read.parquet(f"{staging}/{VOCAB}")
+        vocab.repartition(max(1, len(rare_fields) // 4)).write.parquet(f"{staging}/{layout.VOCAB}")
+        vocab = spark.read.parquet(f"{staging}/{layout.VOCAB}")
         sizes = {r["field"]: r["n"] for r in vocab.groupBy("field").agg(F.count(F.lit(1)).alias("n")).collect()}
         digest = vocab.agg(F.bit_xor(F.xxhash64("field", "id")).alias("d")).collect()[0]["d"] or 0
-    info = M.Vocabulary(path=VOCAB, ids_kept={f.name: sizes.get(f.name, 0) for f in rare_fields}, digest=str(digest))
+    info = M.Vocabulary(path=layout.VOCAB, ids_kept={f.name: sizes.get(f.name, 0) for f in rare_fields}, digest=str(digest))
     return FittedVocabulary(frame=vocab, fields=rare_fields, info=info)
 
 
@@ -308,7 +378,7 @@ def sampling_rates(c: FeatureContract) -> dict[str, float]:
 def write_splits(ids: DataFrame, c: FeatureContract, plan: DayPlan, vocab: FittedVocabulary | None, staging: str,
                  phase: Phases) -> Written:
     """The one pass: count, drop malformed lines, map rare ids, sample train negatives, send each row to
-    a planned file of its split, write (to ``staging/_all``). The observations are made here, after
+    a planned file of its split, write (to ``staging/_all``, layout.WRITTEN). The observations are made here, after
     the fitting passes, so that they see this pass only."""
     counted = Observation("featurize: input")
     ids = ids.observe(counted, F.count(F.lit(1)).alias("lines"), F.count_if(F.col("_bad")).alias("bad"),
@@ -324,7 +394,7 @@ def write_splits(ids: DataFrame, c: FeatureContract, plan: DayPlan, vocab: Fitte
                        c.output.min_row_groups)
     with phase("parse, hash, bucket, sample and write train/valid/test"):
         write_files(ids, files, [LABEL_COLUMN, *c.field_names, DAY_COLUMN], c.sampling.seed,
-                    c.output.rows_per_row_group, f"{staging}/{WRITTEN}")
+                    c.output.rows_per_row_group, f"{staging}/{layout.WRITTEN}")
     return Written(counted=counted, kept=kept, files=files, rates=rates)
 
 
@@ -357,19 +427,20 @@ def split_infos(plan: DayPlan, counts: RunCounts, rates: Mapping[str, float]) ->
 
 
 def quarantine(spark: SparkSession, o: Options, inputs: DayInputs, path: str, expected: int) -> dict[str, int]:
-    """Write the malformed lines with their day and reason to ``path``; return the count per reason.
-    With none expected, writes an empty dataset without reading the input again. Finding another
+    """Write the malformed lines with their day and reason to ``path`` (``day, reason, line, line_bytes``:
+    the line as valid UTF-8 text and as its exact bytes, records.reject_columns); return the count per
+    reason. With none expected, writes an empty dataset without reading the input again. Finding another
     number than the parse counted stops the job."""
     out = {r: 0 for r in REASONS}
     if expected == 0:
-        spark.createDataFrame([], "day int, reason string, line string").write.parquet(path)
+        spark.createDataFrame([], REJECTS_SCHEMA).write.parquet(path)
         return out
     c = o.contract
     parsed = parse_lines(read_lines(spark, inputs), c)
     if c.source.day_from == "column":
         parsed = within_days(parsed, o.days)
     bad = parsed.filter(F.col("_reason").isNotNull()).select("day", F.col("_reason").alias("reason"),
-                                                               F.col("_line").alias("line"))
+                                                               *reject_columns("_line"))
     bad.repartition(max(1, math.ceil(expected / 1_000_000))).write.parquet(path)
     for r in spark.read.parquet(path).groupBy("reason").count().collect():
         out[r["reason"]] = int(r["count"])
@@ -394,13 +465,34 @@ def check_reject_limit(fs: HadoopFS, c: FeatureContract, staging: str, lines: in
     the staging folder kept holding only the rejects (and their reasons) for inspection."""
     n_rejects = sum(rejects.values())
     if lines and n_rejects / lines > c.quality.max_reject_fraction:
-        for s in (*SPLITS, VOCAB):
+        for s in (*SPLITS, layout.VOCAB):
             if fs.exists(f"{staging}/{s}"):
                 fs.delete(f"{staging}/{s}")
         raise RejectLimitError(
             f"{n_rejects} of {lines} lines ({100 * n_rejects / lines:.2f}%) are malformed, more than "
             f"quality.max_reject_fraction={c.quality.max_reject_fraction}; nothing was committed. "
-            f"The rejected lines and reasons are in {staging}/{REJECTS}")
+            f"The rejected lines and reasons are in {staging}/{layout.REJECTS}")
+
+
+def check_splits_have_rows(spark: SparkSession, plan: DayPlan, splits: Mapping[str, M.SplitInfo],
+                           rejects_path: str) -> None:
+    """A split that has days but ended with no rows: :class:`FeaturizeError` (nothing is committed),
+    naming its days and how many of their lines were rejected. A run that trains or evaluates on
+    nothing is a broken input, not a result (a test day of only malformed lines would report
+    ``test 0->0 rows`` and exit 0).
+
+        test: days [3], 0 rows -> "test: day(s) [3] gave 0 good rows (25000 lines rejected); nothing was committed"
+    """
+    for s in SPLITS:
+        days = plan.split_days[s]
+        if not days or splits[s].rows > 0:
+            continue
+        good = splits[s].before_sampling.rows
+        if good:
+            raise FeaturizeError(f"{s}: day(s) {days} gave {good} good rows but none were kept by negative "
+                                 f"sampling at rate {splits[s].neg_sample_rate}; nothing was committed")
+        rejected = spark.read.parquet(rejects_path).filter(F.col("day").isin(days)).count()
+        raise FeaturizeError(f"{s}: day(s) {days} gave 0 good rows ({rejected} lines rejected); nothing was committed")
 
 
 def feature_fingerprint(contract_fp: str, boundaries: Mapping[str, Sequence[float]], vocab_digest: str | None) -> str:
@@ -422,9 +514,10 @@ def build_manifest(spark: SparkSession, o: Options, inputs: DayInputs, plan: Day
         feature_fingerprint=feature_fingerprint(c.fingerprint, boundaries, info.digest if info else None),
         source_label=c.label, fields=M.fields_of(c), boundaries=dict(boundaries), vocab=info,
         sampling=M.SamplingInfo(neg_sample_rate=c.sampling.neg_sample_rate, seed=c.sampling.seed),
-        splits=dict(splits), rejects=M.Rejects(total=sum(rejects.values()), by_reason=dict(rejects), path=REJECTS),
+        splits=dict(splits),
+        rejects=M.Rejects(total=sum(rejects.values()), by_reason=dict(rejects), path=layout.REJECTS),
         input=M.InputInfo(path=o.input, files=tuple(p for _, p in inputs), days=plan.days, lines=lines,
-                          reused_from=o.reuse),
+                          reused_from=o.reuse, missing_days=plan.missing_days),
         seconds=round(time.time() - t0, 2), seconds_by_step=dict(seconds_by_step), spark_version=spark.version,
         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
 
@@ -441,7 +534,7 @@ def commit(fs: HadoopFS, staging: str, out: str, overwrite: bool) -> None:
     if fs.exists(out):
         if not overwrite:
             raise FeaturizeError(f"{out} appeared while the job ran; not replacing it without --overwrite")
-        old = f"{out}.__old-{uuid.uuid4().hex[:8]}"
+        old = layout.old_dir(out, uuid.uuid4().hex[:8])
         fs.rename(out, old)
     fs.rename(staging, out)
     if old:

@@ -39,6 +39,33 @@ class HadoopFS:
             out.append(Entry(path=str(p.toString()), name=str(p.getName())))
         return out
 
+    def data_files(self, path: str) -> tuple[str, ...]:
+        """``path`` itself when it is a file; for a folder (of parts) the files in it that Spark reads
+        (names starting with ``_`` or ``.`` left out), sorted."""
+        p = self._Path(path)
+        if not self._fs.getFileStatus(p).isDirectory():
+            return (str(self._fs.makeQualified(p).toString()),)
+        return tuple(sorted(st.getPath().toString() for st in self._fs.listStatus(p)
+                            if st.isFile() and not str(st.getPath().getName()).startswith(("_", "."))))
+
+    def first_line(self, path: str, max_bytes: int = 1 << 20) -> str | None:
+        """The first line of a file, decompressed by the codec its extension names (``.gz``, ...), as
+        Spark's text reader splits lines (at ``\\n``, ``\\r`` or ``\\r\\n``), of at most ``max_bytes``;
+        None for an empty file. Reads only the start of the file."""
+        p = self._Path(path)
+        codec = self._jvm.org.apache.hadoop.io.compress.CompressionCodecFactory(self._conf).getCodec(p)
+        stream = self._fs.open(p)
+        try:
+            if codec is not None:
+                stream = codec.createInputStream(stream)
+            text = self._jvm.org.apache.hadoop.io.Text()
+            reader = self._jvm.org.apache.hadoop.util.LineReader(stream)
+            if reader.readLine(text, max_bytes, max_bytes) == 0:
+                return None
+            return str(text.toString())
+        finally:
+            stream.close()
+
     def rename(self, src: str, dst: str) -> None:
         if not self._fs.rename(self._Path(src), self._Path(dst)):
             raise OSError(f"could not rename {src} -> {dst}")

@@ -7,16 +7,18 @@ text lines, which also says why a line is bad, for the quarantine). Both end in 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.types import DoubleType, IntegerType, StringType, StructField, StructType
 
+from pipeline import layout
 from pipeline.contract import FeatureContract
-from pipeline.spark.errors import FeaturizeError
+from pipeline.spark.errors import FeaturizeError, read_failure
 from pipeline.spark.hadoopfs import HadoopFS
-from pipeline.spark.sql import non_finite_sql, q, string_literal
+from pipeline.spark.sql import non_finite_sql, q, string_literal, utf8_escaped
 
 # Reasons a line is rejected; each is counted in the manifest and written to DIR/rejects.
 REASONS = ("binary", "column_count", "bad_label", "non_numeric", "bad_day")
@@ -32,31 +34,124 @@ BLANK_LINE = "^[\\x00-\\x20]*$"
 DayInputs = Sequence[tuple[int | None, str]]
 
 
-def find_day_inputs(fs: HadoopFS, input_dir: str, contract: FeatureContract,
-                    days: tuple[int, int] | None) -> list[tuple[int | None, str]]:
-    """(day, path) of each input matching the contract's file pattern (within ``days`` when given), in
-    day order. Day is None when days come from a column. Names starting with ``.`` or ``_`` are skipped.
+@dataclass(frozen=True)
+class DayFiles:
+    """What the input folder holds for this run: the (day, path) inputs in day order, and the names of
+    the entries that match no ``source.file_pattern`` (not read; hidden, ``_`` and ``.done`` names
+    left out)."""
 
-        day_0, day_1.gz, _SUCCESS, notes.txt -> [(0, .../day_0), (1, .../day_1.gz)]
+    inputs: list[tuple[int | None, str]]
+    unmatched: tuple[str, ...]
+
+
+def select_day_files(names: Sequence[str], contract: FeatureContract,
+                     days: tuple[int, int] | None) -> tuple[list[tuple[int | None, str]], list[str]]:
+    """Which entry names of the input folder are this run's day files: ((day, name) in day order, the
+    names that match no pattern). Day is None when days come from a column. Names starting with ``.``
+    or ``_`` and day files' ``.done`` markers are neither; a day outside ``days`` is skipped. Two
+    entries for one day (``day_1`` beside ``day_1.gz``) are an error: both would be read as that day.
+
+        day_0, day_1.gz, day_2.tsv, _SUCCESS, day_0.done -> [(0, "day_0"), (1, "day_1.gz")], ["day_2.tsv"]
+    """
+    rx = re.compile(contract.source.file_pattern)
+    by_day = contract.source.day_from == "file_name"
+    found: list[tuple[int | None, str]] = []
+    unmatched: list[str] = []
+    for name in sorted(names):
+        if name.startswith((".", "_")):
+            continue
+        m = rx.search(name)
+        if not m:
+            base = name[:-len(layout.DONE_SUFFIX)] if name.endswith(layout.DONE_SUFFIX) else None
+            if base is None or not rx.search(base):
+                unmatched.append(name)
+            continue
+        day = int(m.group(1)) if by_day else None
+        if day is not None and days and not (days[0] <= day <= days[1]):
+            continue
+        found.append((day, name))
+    if by_day:
+        names_of: dict[int | None, list[str]] = {}
+        for day, name in found:
+            names_of.setdefault(day, []).append(name)
+        twice = sorted((d, ns) for d, ns in names_of.items() if d is not None and len(ns) > 1)
+        if twice:
+            raise FeaturizeError("; ".join(f"day {d} has {len(ns)} files: {' and '.join(ns)}" for d, ns in twice)
+                                 + ": each would be read as that day; keep one file per day")
+    found.sort(key=lambda x: (x[0] if x[0] is not None else -1, x[1]))
+    return found, unmatched
+
+
+def find_day_inputs(fs: HadoopFS, input_dir: str, contract: FeatureContract,
+                    days: tuple[int, int] | None) -> DayFiles:
+    """The input folder's day files (within ``days`` when given), by :func:`select_day_files`, with
+    their full paths; :class:`FeaturizeError` when there is none.
+
+        day_0, day_1.gz, _SUCCESS, notes.txt -> inputs [(0, .../day_0), (1, .../day_1.gz)], unmatched (notes.txt,)
     """
     if not fs.exists(input_dir):
         raise FeaturizeError(f"--input {input_dir}: no such folder")
-    rx = re.compile(contract.source.file_pattern)
-    found: list[tuple[int | None, str]] = []
-    for e in fs.list(input_dir):
-        if e.name.startswith((".", "_")):
-            continue
-        m = rx.search(e.name)
-        if not m:
-            continue
-        day = int(m.group(1)) if contract.source.day_from == "file_name" else None
-        if day is not None and days and not (days[0] <= day <= days[1]):
-            continue
-        found.append((day, e.path))
-    if not found:
+    paths = {e.name: e.path for e in fs.list(input_dir)}
+    try:
+        selected, unmatched = select_day_files(list(paths), contract, days)
+    except FeaturizeError as e:
+        raise FeaturizeError(f"--input {input_dir}: {e}") from None
+    if not selected:
         raise FeaturizeError(f"--input {input_dir}: no file matches {contract.source.file_pattern!r}"
                              + (f" within days {days[0]}-{days[1]}" if days else ""))
-    return sorted(found, key=lambda x: (x[0] if x[0] is not None else -1, x[1]))
+    return DayFiles(inputs=[(d, paths[n]) for d, n in selected], unmatched=tuple(unmatched))
+
+
+def header_mismatch(line: str, contract: FeatureContract) -> str | None:
+    """Why a file's first line is not the header that ``source.columns`` says, or None when it is.
+    Columns are counted from 1.
+
+        "id,click,hour,C1,banner_pos,app_id,..." (avazu) -> "header column 6 is 'app_id', the contract's
+        source.columns says 'site_id'"
+    """
+    cols = contract.source.columns
+    got = line.split(contract.source.delimiter)
+    for i, want in enumerate(cols):
+        if i >= len(got):
+            return (f"header has {len(got)} column(s), the contract's source.columns has {len(cols)} "
+                    f"(column {i + 1} would be {want!r})")
+        if got[i] != want:
+            return f"header column {i + 1} is {got[i]!r}, the contract's source.columns says {want!r}"
+    if len(got) > len(cols):
+        return (f"header column {len(cols) + 1} is {got[len(cols)]!r}, the contract's source.columns has only "
+                f"{len(cols)} columns")
+    return None
+
+
+def check_headers(fs: HadoopFS, inputs: DayInputs, contract: FeatureContract) -> int:
+    """With ``source.header``, the first line of every input file (each part of a folder; compressed
+    files decompressed) must name ``source.columns`` in order: a swapped header would otherwise be
+    featurized silently with the columns swapped. Reads one line per file on the driver; returns the
+    number of files checked. Empty files have no header and are skipped.
+
+        header "id,click,hour,C1,banner_pos,app_id,..." -> FeaturizeError("<file>: header column 6 is 'app_id', ...")
+    """
+    n = 0
+    for _, path in inputs:
+        for f in fs.data_files(path):
+            line = read_first_line(fs, f)
+            why = None if line is None else header_mismatch(line, contract)
+            if why is not None:
+                raise FeaturizeError(f"{f}: {why}; nothing was committed")
+            n += 1
+    return n
+
+
+def read_first_line(fs: HadoopFS, path: str) -> str | None:
+    """The first line of ``path`` (decompressed) or None when it is empty; a file that cannot be
+    decompressed is a :class:`FeaturizeError` naming it."""
+    try:
+        return fs.first_line(path)
+    except Exception as e:       # py4j's Py4JJavaError: a corrupt or truncated compressed file
+        failure = read_failure(e, path)
+        if failure is None:
+            raise
+        raise failure from None
 
 
 def union_days(inputs: DayInputs, read: Callable[[str], DataFrame]) -> DataFrame:
@@ -153,7 +248,7 @@ def parse_lines(lines: DataFrame, contract: FeatureContract) -> DataFrame:
 
     Input columns: ``value`` (the line) and ``day`` (int, or null when the day comes from a column).
     Output: ``day``, ``label``, each field, ``_reason`` (null for good rows) and ``_line``
-    (the raw line, for rejects only).
+    (the raw line, for rejects only: its bytes as read, which need not be UTF-8; see :func:`reject_columns`).
 
         "1\\t5\\t\\ta1" -> label=1, I1=5.0, I2=null, C1="a1", _reason=null
         "x\\t5\\t\\ta1" -> _reason="bad_label"
@@ -167,7 +262,8 @@ def parse_lines(lines: DataFrame, contract: FeatureContract) -> DataFrame:
     checked = check_records(records, contract, keep=["_line", CORRUPT, f"{non_finite_sql(contract)} AS `_nf`"])
     parts = F.split(F.col("_line"), _regex_quote(src.delimiter), -1)
     label_raw = F.try_element_at(parts, F.lit(src.columns.index(contract.label) + 1))
-    binary = F.expr(" OR ".join(f"contains(`_line`, {m})" for m in BINARY_MARKS))
+    # the raw line's bytes: invalid UTF-8 (which the CSV parser read as U+FFFD), or a mark
+    binary = F.expr(" OR ".join(["NOT is_valid_utf8(`_line`)", *[f"contains(`_line`, {m})" for m in BINARY_MARKS]]))
     reason = (F.when(~F.col("_bad"), F.lit(None).cast("string"))
               .when(binary, "binary")
               .when(F.size(parts) != len(src.columns), "column_count")
@@ -180,3 +276,18 @@ def parse_lines(lines: DataFrame, contract: FeatureContract) -> DataFrame:
 
 def _regex_quote(ch: str) -> str:
     return "\\" + ch if ch in r".^$*+?()[]{}|\\" else ch
+
+
+def reject_columns(line: str = "_line") -> list[Column]:
+    """The quarantine's view of a raw line: ``line`` (valid UTF-8 text: the line itself, or with each
+    byte that is not UTF-8 written as ``\\xNN``) and ``line_bytes`` (binary: the line's bytes exactly as
+    in the file, without its line terminator).
+
+    Spark's text reader keeps a line's bytes as they are (its strings are UTF-8 bytes, not checked), so
+    the cast to binary is lossless, where ``encode(value, 'UTF-8')`` would first decode invalid bytes to
+    U+FFFD. Written as a string column unchanged, a binary line makes the rejects unreadable by pyarrow
+    and pandas (invalid UTF-8 in a string column).
+
+        b"1\\tx" -> line "1\\tx", line_bytes b"1\\tx";  b"\\x00\\xff" -> line "\\x00\\\\xff", line_bytes b"\\x00\\xff"
+    """
+    return [F.expr(utf8_escaped(line)).alias("line"), F.col(line).cast("binary").alias("line_bytes")]

@@ -135,3 +135,36 @@ def unpack_ints(names: Sequence[str]) -> list[str]:
             v = f"(({p} & 4294967295) ^ 2147483648) - 2147483648"
         out.append(f"CAST({v} AS INT) AS {q(name)}")
     return out
+
+
+# One well-formed UTF-8 sequence (RFC 3629: no overlong forms, no surrogates, at most U+10FFFF) as
+# upper-case hex, what Spark's hex() writes: one ASCII byte, or a lead byte and its continuation bytes.
+_CONT = "[89AB][0-9A-F]"
+UTF8_SEQUENCE_HEX = "|".join([
+    "[0-7][0-9A-F]",
+    f"(?:C[2-9A-F]|D[0-9A-F]){_CONT}",
+    f"E0[AB][0-9A-F]{_CONT}", f"E[1-9A-CEF]{_CONT}{_CONT}", f"ED[89][0-9A-F]{_CONT}",
+    f"F0[9AB][0-9A-F]{_CONT}{_CONT}", f"F[1-3]{_CONT}{_CONT}{_CONT}", f"F48[0-9A-F]{_CONT}{_CONT}"])
+
+
+def utf8_escaped(name: str) -> str:
+    """A string column whose bytes may not be UTF-8 -> valid UTF-8 text: the column itself when it is
+    valid, else each byte that is not part of a well-formed sequence written as ``\\xNN`` (what Python's
+    ``bytes.decode("utf-8", "backslashreplace")`` gives). Readable by any Parquet or Arrow reader; exact
+    for every valid line (a literal ``\\xff`` in the text is not told apart: keep the bytes for that).
+
+        b"ok" -> "ok";  b"a\\xffb\\xe2\\x82" -> "a\\\\xffb\\\\xe2\\\\x82"
+
+    How, in JVM expressions only: the bytes as hex; one pass of a regular expression anchored at the end
+    of the previous match (``\\G``) takes a run of well-formed sequences (possessively: no backtracking
+    and no deep recursion on long lines) and the next byte, which is then not well-formed, and writes
+    that byte as ``5C78`` (``\\x``) and its two hex digits marked with ``Z``; the marked digits become the
+    hex of their lower-case ASCII; unhex gives the bytes.
+    """
+    c = q(name)
+    rx = rf"\G((?:{UTF8_SEQUENCE_HEX})*+)(?!{UTF8_SEQUENCE_HEX})([0-9A-F])([0-9A-F])"
+    h = f"regexp_replace(hex(CAST({c} AS BINARY)), {string_literal(rx)}, '$15C78Z$2Z$3')"
+    h = f"regexp_replace({h}, 'Z([0-9])', '3$1')"                 # '0'..'9' are 0x30..0x39
+    for i, digit in enumerate("ABCDEF"):                            # 'a'..'f' are 0x61..0x66
+        h = f"replace({h}, 'Z{digit}', '6{i + 1}')"
+    return f"CASE WHEN is_valid_utf8({c}) THEN {c} ELSE CAST(unhex({h}) AS STRING) END"
