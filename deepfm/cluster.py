@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -70,12 +72,58 @@ def native_bf16(device: torch.device) -> tuple[bool, str]:
     return bool(have), f"the CPU has {', '.join(have)}" if have else "the CPU has neither avx512_bf16 nor amx_bf16"
 
 
-def resolve_bf16(setting: bool | str, device: torch.device) -> tuple[bool, str]:
-    """The training config's ``bf16`` (true, false or "auto") -> (use bf16 autocast, why). Under "auto"
-    every rank must agree, so the answer is on only when every rank's device runs bf16 natively."""
+def dense_step_timer(in_features: int, hidden: Sequence[int], batch: int,
+                     device: torch.device) -> Callable[[bool], float]:
+    """A probe of the dense part's cost: ``timer(bf16)`` -> seconds of one forward + backward of an MLP of
+    the model's shape (``in_features`` -> ``hidden`` -> 1, ReLU) at ``batch`` rows on ``device``, fp32 or
+    under bf16 autocast (the median of a few steps after a warm-up one)."""
+    torch.manual_seed(0)
+    layers: list[torch.nn.Module] = []
+    width = in_features
+    for h in hidden:
+        layers += [torch.nn.Linear(width, h, device=device), torch.nn.ReLU()]
+        width = h
+    mlp = torch.nn.Sequential(*layers, torch.nn.Linear(width, 1, device=device))
+    x = torch.randn(batch, in_features, device=device)
+
+    def timer(bf16: bool) -> float:
+        times = []
+        for i in range(4):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t = time.perf_counter()
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                out = mlp(x)
+            out.float().sum().backward()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if i:                                   # the first step warms up (kernel selection, caches)
+                times.append(time.perf_counter() - t)
+        mlp.zero_grad(set_to_none=True)
+        return sorted(times)[len(times) // 2]
+    return timer
+
+
+def resolve_bf16(setting: bool | str, device: torch.device,
+                 timer: Callable[[bool], float] | None = None) -> tuple[bool, str]:
+    """The training config's ``bf16`` (true, false or "auto") -> (use bf16 autocast, why).
+
+    Under "auto" with a ``timer`` (:func:`dense_step_timer`): bf16 when the measured dense step is faster
+    under bf16 than in fp32, summed over all ranks (so every rank agrees), and only where bf16 is native
+    (:func:`native_bf16`): a CPU flag is not enough, an Intel Xeon with AVX-512 BF16 but no AMX ran the
+    paper's MLP slower in bf16 (issue 17). Without a timer, "auto" follows :func:`native_bf16` alone."""
     if setting != "auto":
         return bool(setting), f"bf16: {str(setting).lower()} in the config"
     ok, why = native_bf16(device)
+    if timer is not None and ok:
+        fp32, bf16 = min(timer(False), timer(False)), min(timer(True), timer(True))
+        if dist.is_initialized():
+            t = torch.tensor([fp32, bf16], dtype=torch.float64, device=device)
+            dist.all_reduce(t)
+            fp32, bf16 = (float(v) / dist.get_world_size() for v in t.tolist())
+        ok = bf16 < fp32
+        why = (f"{why}; the dense step measured {1e3 * fp32:.1f} ms fp32, {1e3 * bf16:.1f} ms bf16 "
+               f"(mean over ranks): {'bf16' if ok else 'fp32'} is faster")
     if dist.is_initialized():
         flag = torch.tensor([int(ok)], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
