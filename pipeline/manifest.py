@@ -84,7 +84,7 @@ class SplitInfo:
 class Rejects:
     total: int
     by_reason: Mapping[str, int]
-    path: str = layout.REJECTS
+    path: str = layout.REJECTS              # written only when total > 0
 
 
 @dataclass(frozen=True)

@@ -41,14 +41,13 @@ from pipeline.spark.counts import count_split, observed, recount, split_counts
 from pipeline.spark.errors import FeaturizeError, RejectLimitError, read_failure
 from pipeline.spark.hadoopfs import HadoopFS
 from pipeline.spark.placement import FilePlan, place_files, plan_files, write_files
-from pipeline.spark.records import (REASONS, DayInputs, check_headers, check_records, count_lines, find_day_inputs,
+from pipeline.spark.records import (REASONS, DayInputs, check_headers, check_records, count_lines, estimate_lines,
+                                    find_day_inputs,
                                     parse_lines, read_lines, read_records, reject_columns)
 from pipeline.spark.sql import quantile_probabilities
 from pipeline.spark.transforms import frequent_ids, map_rare, sample_negatives, to_ids, with_split, within_days
 
 log = logging.getLogger("jobs.featurize")       # the job's logger, by the name its log lines have always had
-# the rejects' columns: the raw line as valid UTF-8 text and as its exact bytes (records.reject_columns)
-REJECTS_SCHEMA = "day int, reason string, line string, line_bytes binary"
 
 
 @dataclass(frozen=True)
@@ -274,11 +273,13 @@ def featurize(spark: SparkSession, o: Options, fs: HadoopFS, inputs: DayInputs, 
     n_files = place_files(fs, f"{staging}/{layout.WRITTEN}", staging, written.files.parts())
     counts = verify_counts(spark, fs, ids, staging, written, n_files, phase)
     splits = split_infos(plan, counts, written.rates)
-    with phase("quarantine malformed lines"):
-        rejects = quarantine(spark, o, inputs, f"{staging}/{layout.REJECTS}", counts.bad)
+    rejects = {r: 0 for r in REASONS}
+    if counts.bad:                             # the text is read again only when there are rejects
+        with phase("quarantine malformed lines"):
+            rejects = quarantine(spark, o, inputs, f"{staging}/{layout.REJECTS}", counts.bad)
     log_counts(plan, splits, counts.lines, rejects)
     check_reject_limit(fs, c, staging, counts.lines, rejects)
-    check_splits_have_rows(spark, plan, splits, f"{staging}/{layout.REJECTS}")
+    check_splits_have_rows(spark, plan, splits, f"{staging}/{layout.REJECTS}", sum(rejects.values()))
     m = build_manifest(spark, o, inputs, plan, boundaries, vocab, splits, rejects, counts.lines, phase.seconds, t0)
     commit_manifest(fs, staging, m)
     return m
@@ -306,12 +307,19 @@ def load_reuse(spark: SparkSession, path: str, c: FeatureContract) -> Reused:
 def plan_days(spark: SparkSession, c: FeatureContract, inputs: DayInputs, checked: DataFrame,
               phase: Phases, allow_day_gaps: bool = False) -> DayPlan:
     """Which days there are, which split each belongs to, and about how many rows each has: from the
-    file names and a line count, or (days from a column) from a pass over the checked records. Days
+    file names and the files' sizes (a line count for compressed files), or (days from a column) from a
+    pass over the checked records. Days
     missing between the first and last are refused unless ``allow_day_gaps`` (:func:`check_day_gaps`)."""
     if c.source.day_from == "file_name":
         days = sorted({d for d, _ in inputs if d is not None})
-        with phase("count lines (to plan files)"):
-            rows_by_day = count_lines(spark, inputs, c)
+        # the file plan needs sizes, not counts: estimated from file sizes and a sample of each file's
+        # start; only compressed inputs need a pass that counts their lines
+        estimate = estimate_lines(HadoopFS(spark, inputs[0][1]), inputs, c)
+        if estimate is None:
+            with phase("count lines (to plan files)"):
+                rows_by_day = count_lines(spark, inputs, c)
+        else:
+            rows_by_day = estimate
     else:
         with phase("find days"):
             found = (checked.filter(~F.col("_bad")).groupBy("day")
@@ -429,12 +437,8 @@ def split_infos(plan: DayPlan, counts: RunCounts, rates: Mapping[str, float]) ->
 def quarantine(spark: SparkSession, o: Options, inputs: DayInputs, path: str, expected: int) -> dict[str, int]:
     """Write the malformed lines with their day and reason to ``path`` (``day, reason, line, line_bytes``:
     the line as valid UTF-8 text and as its exact bytes, records.reject_columns); return the count per
-    reason. With none expected, writes an empty dataset without reading the input again. Finding another
-    number than the parse counted stops the job."""
+    reason. Finding another number than the parse counted stops the job."""
     out = {r: 0 for r in REASONS}
-    if expected == 0:
-        spark.createDataFrame([], REJECTS_SCHEMA).write.parquet(path)
-        return out
     c = o.contract
     parsed = parse_lines(read_lines(spark, inputs), c)
     if c.source.day_from == "column":
@@ -475,7 +479,7 @@ def check_reject_limit(fs: HadoopFS, c: FeatureContract, staging: str, lines: in
 
 
 def check_splits_have_rows(spark: SparkSession, plan: DayPlan, splits: Mapping[str, M.SplitInfo],
-                           rejects_path: str) -> None:
+                           rejects_path: str, n_rejects: int) -> None:
     """A split that has days but ended with no rows: :class:`FeaturizeError` (nothing is committed),
     naming its days and how many of their lines were rejected. A run that trains or evaluates on
     nothing is a broken input, not a result (a test day of only malformed lines would report
@@ -491,7 +495,8 @@ def check_splits_have_rows(spark: SparkSession, plan: DayPlan, splits: Mapping[s
         if good:
             raise FeaturizeError(f"{s}: day(s) {days} gave {good} good rows but none were kept by negative "
                                  f"sampling at rate {splits[s].neg_sample_rate}; nothing was committed")
-        rejected = spark.read.parquet(rejects_path).filter(F.col("day").isin(days)).count()
+        rejected = (spark.read.parquet(rejects_path).filter(F.col("day").isin(days)).count()
+                    if n_rejects else 0)
         raise FeaturizeError(f"{s}: day(s) {days} gave 0 good rows ({rejected} lines rejected); nothing was committed")
 
 

@@ -66,6 +66,19 @@ class HadoopFS:
         finally:
             stream.close()
 
+    def head(self, path: str, max_bytes: int) -> tuple[bytes, int] | None:
+        """(the first ``max_bytes`` bytes of a file, its size in bytes), or None when the file is compressed
+        (its extension names a codec: its size says nothing of its lines). One read of the start only."""
+        p = self._Path(path)
+        if self._jvm.org.apache.hadoop.io.compress.CompressionCodecFactory(self._conf).getCodec(p) is not None:
+            return None
+        size = int(self._fs.getFileStatus(p).getLen())
+        stream = self._fs.open(p)
+        try:
+            return bytes(stream.readNBytes(min(max_bytes, size))), size
+        finally:
+            stream.close()
+
     def rename(self, src: str, dst: str) -> None:
         if not self._fs.rename(self._Path(src), self._Path(dst)):
             raise OSError(f"could not rename {src} -> {dst}")
