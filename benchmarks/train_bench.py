@@ -1,79 +1,112 @@
-"""Training throughput, reading included: TorchRec DeepFM on 1 and 2 ranks vs plain PyTorch.
+"""Training as users run it: `torchrun deepfm/train.py` (defaults, one epoch, reading included) against
+DeepCTR-Torch's DeepFM on the same rows, in one sitting.
 
-    python benchmarks/train_bench.py --data FEATURIZED_DIR [--steps 150] [--batch-size 2048]
-        [--precision auto|bf16|fp32]
+    python benchmarks/train_bench.py --data FEATURIZED [--epochs 1] [--nproc 2] [--repeat 1]
+        [--reference-threads 2] [--extra "--batch-size 4096"] [--plain]
 
-Both the TorchRec trainer and the plain baseline run under the same precision: bf16 autocast or fp32;
-auto (the default, as the trainer's `bf16: auto`) is bf16 where the CPU has avx512_bf16 or amx_bf16.
-
-FEATURIZED_DIR should be made with conf/criteo.yaml (26 categorical fields of 1M buckets: the paper's
-model size), e.g. by benchmarks/featurize_bench.py (its feat_x1 output). Each run is a real torchrun;
-examples/s is measured over the whole loop (petastorm reading, KJT building, forward, backward,
-optimizers) by deepfm/train.py itself (metrics.json train.examples_per_s).
+FEATURIZED is a featurized output (e.g. one 1M-row day with conf/criteo.yaml: the paper's model size).
+Each run is a whole cold process: the trainer under torchrun with the project's defaults (conf/train.yaml;
+examples/s as its metrics.json reports it: the training loop with petastorm reading and KJT building,
+evaluation excluded) and benchmarks/deepctr_reference.py (one process, --reference-threads threads, the
+same model settings; examples/s of its fit). Both are scored on the test split after the sampling
+correction. Prints both examples/s, both test AUCs and the ratio; with --plain also the plain PyTorch
+DeepFM (nn.EmbeddingBag + DDP + dense Adam, benchmarks/plain_deepfm.py). Needs the bench extra
+(`pip install -e .[bench]`).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
+import shlex
 import shutil
+import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
-
-from deepfm.cluster import native_bf16  # noqa: E402
 from pipeline.manifest import open_featurized  # noqa: E402
 
 
-def torchrec_run(data: str, nproc: int, steps: int, batch: int, bf16: bool, work: Path) -> float:
-    run = work / f"torchrec_{nproc}"
-    shutil.rmtree(run, ignore_errors=True)
-    cmd = [str(BIN / "torchrun"), "--standalone", f"--nproc_per_node={nproc}", str(ROOT / "deepfm" / "train.py"),
-           "--data", data, "--out", str(run), "--epochs", "1", "--max-steps", str(steps), "--batch-size", str(batch),
-           "--checkpoint-every-steps", "0", "--no-test", "--bf16" if bf16 else "--no-bf16"]
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    if r.returncode:
-        sys.exit(r.stderr[-3000:])
-    return json.loads((run / "metrics.json").read_text())["train"]["examples_per_s"]
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown CPU"
 
 
-def plain_run(data: str, nproc: int, steps: int, batch: int, bf16: bool) -> float:
-    cmd = [str(BIN / "torchrun"), "--standalone", f"--nproc_per_node={nproc}", str(ROOT / "benchmarks" / "plain_deepfm.py"),
-           "--data", data, "--steps", str(steps), "--batch-size", str(batch)] + (["--bf16"] if bf16 else [])
-    r = subprocess.run(cmd, capture_output=True, text=True)
+def run(cmd: list[str]) -> tuple[float, str]:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    t = time.perf_counter()
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if r.returncode:
-        sys.exit(r.stderr[-3000:])
-    return json.loads([l for l in r.stdout.splitlines() if l.startswith("{")][-1])["examples_per_s"]
+        sys.exit(f"{shlex.join(cmd)} failed:\n{r.stderr[-3000:]}")
+    return time.perf_counter() - t, r.stdout
+
+
+def project(data: str, nproc: int, epochs: int, extra: list[str], work: Path) -> dict:
+    out = work / "project_run"
+    shutil.rmtree(out, ignore_errors=True)
+    wall, _ = run([str(BIN / "torchrun"), "--standalone", f"--nproc_per_node={nproc}", str(ROOT / "deepfm" / "train.py"),
+                   "--data", data, "--out", str(out), "--epochs", str(epochs), *extra])
+    m = json.loads((out / "metrics.json").read_text())
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)      # GBs at the paper's size
+    return {"examples_per_s": m["train"]["examples_per_s"], "auc": m.get("test", {}).get("auc"), "wall_s": wall,
+            "precision": m.get("precision"), "loop": m.get("train_pipeline")}
+
+
+def reference(data: str, threads: int, epochs: int, work: Path) -> dict:
+    js = work / "reference.json"
+    wall, _ = run([sys.executable, str(ROOT / "benchmarks" / "deepctr_reference.py"), "--data", data,
+                   "--threads", str(threads), "--epochs", str(epochs), "--json", str(js)])
+    r = json.loads(js.read_text())
+    return {"examples_per_s": r["examples_per_s"], "auc": r["test"]["auc"], "wall_s": wall}
+
+
+def plain(data: str, nproc: int, steps: int) -> float:
+    _, out = run([str(BIN / "torchrun"), "--standalone", f"--nproc_per_node={nproc}",
+                  str(ROOT / "benchmarks" / "plain_deepfm.py"), "--data", data, "--steps", str(steps)])
+    return float(json.loads([line for line in out.splitlines() if line.startswith("{")][-1])["examples_per_s"])
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", required=True)
-    p.add_argument("--steps", type=int, default=150)
-    p.add_argument("--plain-steps", type=int, default=30)
-    p.add_argument("--batch-size", type=int, default=2048)
-    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
-    p.add_argument("--work", type=Path, default=Path("/tmp/clickpipe-bench"))
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--nproc", type=int, default=2)
+    p.add_argument("--repeat", type=int, default=1)
+    p.add_argument("--reference-threads", type=int, default=2)
+    p.add_argument("--extra", default="", help="more deepfm/train.py flags, e.g. '--batch-size 4096'")
+    p.add_argument("--plain", action="store_true", help="also the plain PyTorch baseline (slow)")
+    p.add_argument("--work", type=Path, default=Path("/tmp/clickpipe-train-bench"))
     a = p.parse_args()
+    a.work.mkdir(parents=True, exist_ok=True)
     m = open_featurized(a.data)
     sizes = [f.num_embeddings for f in m.fields]
-    native, why = native_bf16(torch.device("cpu"))
-    bf16 = native if a.precision == "auto" else a.precision == "bf16"
-    print(f"precision: {'bf16' if bf16 else 'fp32'} ({a.precision}; {why})")
-    print(f"data: {a.data}, {len(sizes)} tables, largest {max(sizes):,} rows, dim {m.fields[0].embedding_dim}, "
-          f"batch {a.batch_size}/rank, bf16 {bf16}")
-    r1 = torchrec_run(a.data, 1, a.steps, a.batch_size, bf16, a.work)
-    print(f"torchrec deepfm, 1 rank : {r1:,.0f} examples/s", flush=True)
-    r2 = torchrec_run(a.data, 2, a.steps, a.batch_size, bf16, a.work)
-    print(f"torchrec deepfm, 2 ranks: {r2:,.0f} examples/s", flush=True)
-    b2 = plain_run(a.data, 2, a.plain_steps, a.batch_size, bf16)
-    print(f"plain pytorch (EmbeddingBag + DDP + dense Adam), 2 ranks: {b2:,.0f} examples/s", flush=True)
-    print(f"ratio torchrec/plain at 2 ranks: {r2 / b2:.2f}x; 2 ranks / 1 rank: {r2 / r1:.2f}x")
+    print(f"{time.strftime('%Y-%m-%d')}, {cpu_name()}, {os.cpu_count()} cores; {a.data}: {m.rows('train'):,} train "
+          f"rows, {len(sizes)} tables (largest {max(sizes):,} rows), {a.epochs} epoch(s)", flush=True)
+    ours, refs = [], []
+    for i in range(a.repeat):
+        ours.append(project(a.data, a.nproc, a.epochs, shlex.split(a.extra), a.work))
+        print(f"  run {i + 1}: torchrun deepfm/train.py ({a.nproc} ranks, {ours[-1]['precision']}, "
+              f"{ours[-1]['loop']} loop): {ours[-1]['examples_per_s']:,.0f} examples/s, test AUC "
+              f"{ours[-1]['auc']:.4f}, {ours[-1]['wall_s']:.0f} s wall", flush=True)
+        refs.append(reference(a.data, a.reference_threads, a.epochs, a.work))
+        print(f"  run {i + 1}: DeepCTR-Torch DeepFM ({a.reference_threads} threads): {refs[-1]['examples_per_s']:,.0f} "
+              f"examples/s, test AUC {refs[-1]['auc']:.4f}, {refs[-1]['wall_s']:.0f} s wall", flush=True)
+    o = statistics.median(r["examples_per_s"] for r in ours)
+    ref = statistics.median(r["examples_per_s"] for r in refs)
+    print(f"median examples/s: project {o:,.0f}, DeepCTR-Torch {ref:,.0f}: ratio {o / ref:.2f}x; test AUC project "
+          f"{statistics.median(r['auc'] for r in ours):.4f}, DeepCTR-Torch {statistics.median(r['auc'] for r in refs):.4f}")
+    if a.plain:
+        b = plain(a.data, a.nproc, 20)
+        print(f"plain PyTorch DeepFM ({a.nproc} ranks, 20 steps): {b:,.0f} examples/s; project / plain {o / b:.1f}x")
 
 
 if __name__ == "__main__":
