@@ -6,7 +6,8 @@ The JSON keys are the field names (the layout checkpoints have always had, so ol
 pipeline.retrain's reading of ``config`` stays valid).
 
     >>> s = TrainState(world_size=2, feature_fingerprint="9861", contract_fingerprint="4e99",
-    ...                config=load_train_config(), fields=(FieldSpec("C1", 20000, 16),), data="/d/feat")
+    ...                config=load_train_config(), fields=(FieldSpec("C1", 20000, 16),), data="/d/feat",
+    ...                splits={"train": SplitData(days=(0, 1), rows=31212, positives=12487)})
     >>> TrainState.from_json(json.loads(json.dumps(s.to_json()))) == s
     True
 """
@@ -21,10 +22,39 @@ from typing import Any, Mapping
 from deepfm.model import FieldSpec
 from deepfm.trainconf import TrainConfig, load_train_config, to_overrides
 from pipeline import layout
+from pipeline.manifest import Manifest
 
 
 class StateError(ValueError):
     """A checkpoint's meta.json that is not a trainer state."""
+
+
+@dataclass(frozen=True)
+class SplitData:
+    """One split of the featurized data as a run saw it: its days and, after sampling, its rows and
+    positives (the manifest's). With the feature fingerprint, what "the same data" means on resume."""
+
+    days: tuple[int, ...]
+    rows: int
+    positives: int
+
+    @classmethod
+    def of(cls, m: Manifest) -> dict[str, "SplitData"]:
+        """The manifest's splits: ``{"train": SplitData((0, 1), 31212, 12487), ...}``."""
+        return {k: cls(tuple(v.days), v.rows, v.positives) for k, v in m.splits.items()}
+
+    def describe(self) -> str:
+        """``days 0-1, 31212 rows`` (``no days`` when the manifest assigned the split none)."""
+        return f"{days_text(self.days)}, {self.rows} rows" if self.days else "no days"
+
+
+def days_text(days: tuple[int, ...]) -> str:
+    """(0, 1, 2) -> ``days 0-2``; (3,) -> ``day 3``; (1, 4) -> ``days 1,4``."""
+    if len(days) == 1:
+        return f"day {days[0]}"
+    if list(days) == list(range(days[0], days[0] + len(days))):
+        return f"days {days[0]}-{days[-1]}"
+    return "days " + ",".join(str(d) for d in days)
 
 
 @dataclass
@@ -38,6 +68,7 @@ class TrainState:
     config: TrainConfig                 # bf16 resolved to true / false
     fields: tuple[FieldSpec, ...]
     data: str                           # the featurized folder, absolute
+    splits: dict[str, SplitData] = field(default_factory=dict)     # the data's splits; {}: a checkpoint older than this
     # where it is: restored on resume
     epoch: int = 0
     step_in_epoch: int = 0
@@ -69,6 +100,7 @@ class TrainState:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["config"] = to_overrides(self.config)
         d["fields"] = [dataclasses.asdict(f) for f in self.fields]
+        d["splits"] = {k: {"days": list(v.days), "rows": v.rows, "positives": v.positives} for k, v in self.splits.items()}
         d["history"] = [dict(h) for h in self.history]
         return d
 
@@ -82,6 +114,8 @@ class TrainState:
             body = dict(d)
             body["config"] = load_train_config(None, body["config"])
             body["fields"] = tuple(FieldSpec(**f) for f in body["fields"])
+            body["splits"] = {k: SplitData(tuple(v["days"]), v["rows"], v["positives"])
+                              for k, v in body.get("splits", {}).items()}
             body["history"] = [dict(h) for h in body.get("history", [])]
             return cls(**body)
         except (KeyError, TypeError, ValueError) as e:

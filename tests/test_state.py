@@ -9,7 +9,7 @@ import pytest
 
 from deepfm import state as S
 from deepfm.model import FieldSpec
-from deepfm.state import StateError, TrainState
+from deepfm.state import SplitData, StateError, TrainState
 from deepfm.trainconf import load_train_config, to_overrides
 from pipeline import layout
 
@@ -19,7 +19,8 @@ def _state(**progress) -> TrainState:
                                    "train_pipeline": "plain", "sparse_eps": 1e-3})
     return TrainState(world_size=2, feature_fingerprint="9861641918bd503b", contract_fingerprint="4e9972ccdc660129",
                       config=cfg, fields=(FieldSpec("I1", 66, 16), FieldSpec("C1", 20000, 16)),
-                      data="/data/feat", **progress)
+                      data="/data/feat", splits={"train": SplitData((0, 1), 31212, 12487),
+                                                 "test": SplitData((3,), 25000, 6380)}, **progress)
 
 
 def test_a_state_round_trips_exactly_through_meta_json(tmp_path: Path):
@@ -32,6 +33,7 @@ def test_a_state_round_trips_exactly_through_meta_json(tmp_path: Path):
     assert back == s
     assert back.config == s.config and back.config.hidden == (64, 32)
     assert back.fields == s.fields and isinstance(back.fields, tuple)
+    assert back.splits == s.splits and back.splits["train"].days == (0, 1)
     assert (tmp_path / layout.CHECKPOINT_META).exists()
 
 
@@ -40,17 +42,19 @@ def test_the_json_keys_are_the_field_names_and_config_is_plain_data():
     assert list(d) == [f.name for f in dataclasses.fields(TrainState)]
     assert d["config"] == to_overrides(_state().config) and d["config"]["hidden"] == [64, 32]
     assert d["fields"][0] == {"name": "I1", "num_embeddings": 66, "embedding_dim": 16}
+    assert d["splits"]["train"] == {"days": [0, 1], "rows": 31212, "positives": 12487}
     json.dumps(d)                                        # plain data all the way down
 
 
 def test_a_checkpoint_of_the_older_trainer_loads():
     """meta.json as deepfm/train.py wrote it before TrainState (no best_step, early_stopped, weights_from_step)."""
     d = _state(global_step=12).to_json()
-    for k in ("best_step", "early_stopped", "weights_from_step"):
+    for k in ("best_step", "early_stopped", "weights_from_step", "splits"):
         d.pop(k)
     d["config"].pop("train_pipeline")                    # a setting added later: conf/train.yaml's default
     s = TrainState.from_json(d)
     assert (s.global_step, s.best_step, s.early_stopped, s.weights_from_step) == (12, -1, False, None)
+    assert s.splits == {}                                # deepfm.launch then compares the data by folder
     assert s.config.train_pipeline == load_train_config().train_pipeline
 
 
