@@ -64,7 +64,8 @@ class Dataset:
         return split in self.manifest.splits
 
     def rows(self, split: str) -> int:
-        return self.manifest.splits[split].rows
+        """The split's rows; 0 for a split the manifest does not have."""
+        return self.manifest.splits[split].rows if split in self.manifest.splits else 0
 
     def url(self, split: str) -> str:
         return (self.root / split).resolve().as_uri()

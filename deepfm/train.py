@@ -5,8 +5,12 @@
         [--warm-start CHECKPOINT_OR_RUN_DIR] [...]
 
 A relaunch with the same --out (or torchrun --max-restarts after a worker dies) resumes from the
-latest complete checkpoint in RUN_DIR/checkpoints, at any world size. RUN_DIR/metrics.json gets the
-valid and test metrics and the training throughput; RUN_DIR/tensorboard the event files.
+latest complete checkpoint in RUN_DIR/checkpoints, at any world size, when it is for the same data and
+model (else it is refused, exit 2); a finished run is not run again (deepfm/launch.py: what "the same"
+means and what a relaunch does). RUN_DIR/metrics.json gets the valid and test metrics and the training
+throughput; RUN_DIR/tensorboard the event files. Settings, data and run folder are checked before the
+process group starts: a refusal is one line, ``train: error: ...``, exit 2 on every rank (under
+torchrun, the root cause at the end of its failure summary).
 """
 from __future__ import annotations
 
@@ -30,9 +34,12 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from deepfm import inputs, sharded
+from torch.distributed.elastic.multiprocessing.errors import record
+
+from deepfm import inputs, launch, sharded
 from deepfm.cluster import Cluster, init_cluster, resolve_bf16, shutdown
 from deepfm.evaluator import Evaluator
+from deepfm.launch import Start
 from deepfm.state import TrainState
 from deepfm.steps import make_steps, resolve_train_pipeline
 from deepfm.trainconf import TrainConfig, TrainConfigError, parse_args
@@ -41,24 +48,23 @@ from pipeline import layout
 log = logging.getLogger("deepfm.train")
 
 
-def train(a: argparse.Namespace, cfg: TrainConfig) -> dict:
+def train(a: argparse.Namespace, cfg: TrainConfig, ds: inputs.Dataset, start: Start) -> dict:
     cluster = init_cluster(force_cpu=a.cpu)
     try:
-        return _train(a, cfg, cluster)
+        return _train(a, cfg, ds, start, cluster)
     finally:
         shutdown()
 
 
-def _train(a: argparse.Namespace, cfg: TrainConfig, cluster: Cluster) -> dict:
+def _train(a: argparse.Namespace, cfg: TrainConfig, ds: inputs.Dataset, start: Start, cluster: Cluster) -> dict:
     run = Path(a.out)
-    ds = inputs.open_dataset(a.data)
     cfg = resolve(cfg, cluster)
     if cluster.is_main:
         run.mkdir(parents=True, exist_ok=True)
     t = sharded.build(ds.fields, cfg, cluster)
     log.info("rank %d/%d on %s (%s); model %s; plan %s", cluster.rank, cluster.world, cluster.device, cluster.backend,
              cfg.model, t.plan_summary() if cluster.is_main else "")
-    state = start_or_resume(t, ds, cfg, cluster, run, a.warm_start)
+    state = start_or_resume(t, ds, cfg, cluster, start)
     loop = Loop(t, ds, cfg, cluster, run, state)
     while state.epoch < cfg.epochs and not loop.stop:
         loop.one_epoch()
@@ -74,23 +80,18 @@ def resolve(cfg: TrainConfig, cluster: Cluster) -> TrainConfig:
     return replace(cfg, bf16=use_bf16, train_pipeline=pipeline)
 
 
-def start_or_resume(t: sharded.Trainable, ds: inputs.Dataset, cfg: TrainConfig, cluster: Cluster, run: Path,
-                    warm_start: str | None) -> TrainState:
-    """Where to start: a checkpoint of this run (resume: weights, optimizers and progress), else a warm
-    start (weights only, from a checkpoint or a run folder's latest), else from scratch."""
-    state = TrainState(world_size=cluster.world, feature_fingerprint=ds.fingerprint,
-                       contract_fingerprint=ds.contract_fingerprint, config=cfg, fields=tuple(ds.fields),
-                       data=str(ds.root.resolve()))
-    resume = layout.latest_checkpoint(run)
-    if resume is not None:
-        state = state.resumed(sharded.load(t, resume, ds.fingerprint))
-        log.info("resumed from %s (epoch %d, step %d)", resume, state.epoch, state.global_step)
-    elif warm_start:
-        ckpt = layout.checkpoint_of(Path(warm_start))
-        if ckpt is None:
-            raise sharded.CheckpointError(f"--warm-start {warm_start}: no complete checkpoint there")
-        sharded.load(t, ckpt, ds.fingerprint, with_optimizer=False)
-        log.info("warm start from %s", ckpt)
+def start_or_resume(t: sharded.Trainable, ds: inputs.Dataset, cfg: TrainConfig, cluster: Cluster,
+                    start: Start) -> TrainState:
+    """Start as decided (deepfm.launch): resume a checkpoint of this run (weights, optimizers and
+    progress; ``finish``: with no step left), else a warm start (weights only), else from scratch."""
+    state = launch.facts(ds.root, ds.manifest, cfg, cluster.world)
+    if start.kind in (launch.RESUME, launch.FINISH) and start.checkpoint is not None:
+        state = state.resumed(sharded.load(t, start.checkpoint, ds.fingerprint))
+        log.info("resumed from %s (epoch %d, step %d)%s", start.checkpoint, state.epoch, state.global_step,
+                 f": no step left ({start.why}), testing" if start.kind == launch.FINISH else "")
+    elif start.kind == launch.WARM and start.checkpoint is not None:
+        sharded.load(t, start.checkpoint, ds.fingerprint, with_optimizer=False)
+        log.info("warm start from %s", start.checkpoint)
     return state
 
 
@@ -101,13 +102,10 @@ class Loop:
     def __init__(self, t: sharded.Trainable, ds: inputs.Dataset, cfg: TrainConfig, cluster: Cluster, run: Path,
                  state: TrainState):
         self.t, self.ds, self.cfg, self.cluster, self.run, self.state = t, ds, cfg, cluster, run, state
-        self.steps_per_epoch = ds.rows("train") // (cfg.batch_size * cluster.world)
-        if self.steps_per_epoch == 0:
-            raise inputs.DataError(f"{ds.rows('train')} train rows are fewer than one batch per rank "
-                                   f"({cfg.batch_size} x {cluster.world})")
+        self.steps_per_epoch = ds.rows("train") // (cfg.batch_size * cluster.world)   # >= 1: launch.check_data
         self.evaluator = Evaluator(t, ds, cfg, cluster)
         self.writer = _tensorboard(run) if cluster.is_main else None
-        self.stop = state.early_stopped
+        self.stop = launch.no_step_left(state, cfg) is not None
         self.clock = Stopwatch()
         self.clock.start(state.seconds)
         self.examples_at_start = state.examples
@@ -160,7 +158,7 @@ class Loop:
     def validate(self) -> bool:
         """Evaluate on valid, keep the best weights; True when early stopping says stop."""
         s = self.state
-        if self.ds.rows("valid") == 0:
+        if self.ds.rows("valid") == 0:          # no valid days (launch.check_data refuses valid days without rows)
             return False
         with self.clock.paused():
             m = self.evaluator.evaluate("valid")
@@ -288,17 +286,42 @@ def _tensorboard(run: Path):
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
+    """Check the settings, the data and the run folder (deepfm.launch), then train; a finished run's
+    metrics.json as it is. Raises one of :data:`REFUSED` before any process group starts when the launch
+    cannot go on."""
     rank = os.environ.get("RANK", "0")
     logging.basicConfig(level=logging.INFO, force=True,
                         format=f"%(asctime)s rank{rank} %(name)s %(levelname)s %(message)s")
     warnings.filterwarnings("ignore", message=".*autograd kernel was not registered.*")   # fbgemm CPU ops
     a, cfg = parse_args(argv)
-    return train(a, cfg)
+    ds = inputs.open_dataset(a.data)
+    run = Path(a.out)
+    plan = launch.prepare(run, ds.root, ds.manifest, cfg, int(os.environ.get("WORLD_SIZE", "1")), a.warm_start,
+                          test=not a.no_test)
+    if rank == "0":
+        for note in plan.notes:
+            log.info("%s", note)
+    if plan.start.kind == launch.DONE:
+        if rank == "0":
+            log.info("%s is finished (%s); nothing to do: its %s stays as it is (raise --epochs or --max-steps to "
+                     "train on; python -m deepfm.evaluate measures its checkpoint)", run, plan.start.why, layout.METRICS)
+        return json.loads((run / layout.METRICS).read_text())
+    return train(a, cfg, ds, plan.start)
+
+
+REFUSED = (TrainConfigError, inputs.DataError, sharded.CheckpointError, launch.LaunchError)
+
+
+@record
+def cli() -> None:
+    """The command: :func:`main`, a refusal said once (deepfm.launch.refuse) and exit code 2 on every
+    rank. ``@record`` puts any other exception's traceback into torchrun's failure summary."""
+    try:
+        main()
+    except REFUSED as e:
+        launch.refuse("train", e)
+        sys.exit(2)
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (TrainConfigError, inputs.DataError, sharded.CheckpointError) as e:
-        print(f"train: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    cli()

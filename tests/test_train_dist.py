@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import shutil
 import signal
@@ -18,6 +19,7 @@ import torch
 
 from deepfm import state
 from deepfm.cluster import native_bf16
+from deepfm.launch import LaunchError
 from pipeline import layout
 from pipeline import manifest as M
 from tests.conftest import ROOT
@@ -35,6 +37,33 @@ def torchrun(args: list[str], nproc: int = 2, extra: list[str] | None = None, **
 
 def metrics(run: Path) -> dict:
     return json.loads((run / "metrics.json").read_text())
+
+
+def files(folder: Path) -> dict[str, tuple[int, int]]:
+    """Every file under ``folder``: relative path -> (size, mtime_ns), to show that nothing was written."""
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")
+            if p.is_file()}
+
+
+@pytest.fixture
+def in_process(monkeypatch, caplog):
+    """deepfm.train.main in this process, for launches that are refused or done before any process group
+    starts (a test that got further would start one here); its log in caplog."""
+    from deepfm import train
+    monkeypatch.setattr(logging, "basicConfig", lambda **kw: None)      # keep pytest's handlers
+    caplog.set_level(logging.INFO)
+    return train.main
+
+
+def manifest_only(featurized: Path, to: Path, **split_changes: dict) -> Path:
+    """A featurized output of the manifest alone (all a refused launch reads), splits changed as given:
+    ``test={"rows": 0}``."""
+    to.mkdir()
+    m = M.read(featurized)
+    splits = {k: dataclasses.replace(v, **split_changes.get(k, {})) for k, v in m.splits.items()}
+    M.write(to, dataclasses.replace(m, splits=splits))
+    (to / layout.SUCCESS).write_text("")
+    return to
 
 
 @pytest.fixture(scope="module")
@@ -141,18 +170,86 @@ def test_two_nodes_on_one_machine(featurized: Path, tmp_path: Path):
     assert m["world_size"] == 2 and m["global_step"] == 8 and m["precision"] == "fp32"
 
 
-def test_data_with_another_fingerprint_is_refused(trained: Path, featurized: Path, tmp_path: Path):
+def test_data_with_another_fingerprint_is_refused(trained: Path, featurized: Path, tmp_path: Path, in_process):
     other = tmp_path / "other"
     shutil.copytree(featurized, other)
     M.write(other, dataclasses.replace(M.read(other), feature_fingerprint="0000000000000000"))
-    run = tmp_path / "run"
-    shutil.copytree(trained, run)
-    r = torchrun(["--data", str(other), "--out", str(run), *FAST], nproc=1)
-    assert r.returncode != 0
-    assert "made for featurized data with fingerprint" in r.stderr
-    r = subprocess.run([sys.executable, "-m", "deepfm.evaluate", "--run", str(run), "--data", str(other)],
+    before = files(trained)
+    with pytest.raises(LaunchError, match=rf"^--out {trained} already holds a run on {featurized.resolve()} \(features "
+                                          rf"{M.read(featurized).feature_fingerprint}; .*\); this launch asks for "
+                                          rf"{other.resolve()} \(features 0000000000000000; "):
+        in_process(["--data", str(other), "--out", str(trained), *FAST])
+    assert files(trained) == before
+    r = subprocess.run([sys.executable, "-m", "deepfm.evaluate", "--run", str(trained), "--data", str(other)],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "the ids mean different things" in r.stderr
+
+
+def test_a_finished_run_is_not_run_again(trained: Path, featurized: Path, in_process, caplog):
+    """Issue 13.7: the same launch again trains nothing and rewrote the test metrics; now it says so."""
+    before = files(trained)
+    got = in_process(["--data", str(featurized), "--out", str(trained), "--epochs", "2", *FAST])
+    assert got == metrics(trained)
+    assert files(trained) == before                     # metrics.json, checkpoints, tensorboard: untouched
+    assert f"{trained} is finished (epoch 2 of 2); nothing to do" in caplog.text
+
+
+def test_another_model_or_other_days_over_a_run_are_refused(trained: Path, featurized: Path, tmp_path: Path,
+                                                            in_process):
+    """Issue 13.7: --model fm over a deepfm run, or data featurized again over other days, was "resumed"."""
+    before = files(trained)
+    with pytest.raises(LaunchError) as e:
+        in_process(["--data", str(featurized), "--out", str(trained), "--model", "fm", *FAST])
+    assert str(e.value) == (f"--out {trained} already holds a run on model deepfm; this launch asks for model fm: use "
+                            f"a new --out (add --warm-start {trained} to start from its weights)")
+    moved = manifest_only(featurized, tmp_path / "days", test={"days": (4,)})
+    with pytest.raises(LaunchError, match=rf"; test day 3, \d+ rows\); this launch asks for {moved.resolve()} "
+                                          rf"\(.*; test day 4, \d+ rows\): use a new --out"):
+        in_process(["--data", str(moved), "--out", str(trained), *FAST])
+    assert files(trained) == before
+
+
+def test_a_run_killed_before_its_metrics_is_finished_off(trained: Path, featurized: Path, tmp_path: Path):
+    """A run whose last checkpoint has no step left but whose metrics.json is missing (killed in the
+    test) is loaded and tested, not trained on; here at another world size."""
+    run = tmp_path / "run"
+    shutil.copytree(trained, run, ignore=shutil.ignore_patterns("tensorboard"))
+    want = metrics(run)
+    (run / layout.METRICS).unlink()
+    r = torchrun(["--data", str(featurized), "--out", str(run), "--epochs", "2", *FAST], nproc=1)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "no step left (epoch 2 of 2), testing" in r.stderr
+    m = metrics(run)
+    assert (m["global_step"], m["weights_from_step"], m["history"]) == (want["global_step"], want["weights_from_step"],
+                                                                         want["history"])
+    assert m["test"]["rows"] == want["test"]["rows"]
+    assert m["test"]["auc"] == pytest.approx(want["test"]["auc"], abs=1e-6)
+
+
+def test_an_empty_test_day_is_refused_before_the_model(featurized: Path, tmp_path: Path, in_process):
+    """Issue 13.8: a test split with days but no rows ended in exit 0 and no test metrics."""
+    data = manifest_only(featurized, tmp_path / "data", test={"rows": 0, "positives": 0, "files": 0})
+    with pytest.raises(LaunchError) as e:
+        in_process(["--data", str(data), "--out", str(tmp_path / "run"), *FAST])
+    assert str(e.value) == (f"{data / 'manifest.json'}: the test split (day 3) has 0 rows: nothing to test on; "
+                            "featurize again, or pass --no-test")
+    data = manifest_only(featurized, tmp_path / "valid", valid={"rows": 0, "positives": 0, "files": 0})
+    with pytest.raises(LaunchError, match=r"the valid split \(day 2\) has 0 rows: validation"):
+        in_process(["--data", str(data), "--out", str(tmp_path / "run"), "--no-test", *FAST])
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_refusal_under_torchrun_is_said_once_at_the_end(tmp_path: Path):
+    """Issue 13.14: each rank's one-line error was buried under torchrun's ChildFailedError report. Now
+    local rank 0 puts it in its error file, which torchrun prints as the root cause, last."""
+    r = torchrun(["--data", "/no/such", "--out", str(tmp_path / "x")])
+    cause = "train: error: /no/such: not a complete featurized output (no _SUCCESS or manifest.json)"
+    assert r.returncode == 1                            # torchrun's code for failed workers
+    assert (r.stdout + r.stderr).count(cause) == 1
+    tail = r.stderr.strip().splitlines()[-5:]
+    assert any(line.strip() == f"traceback : {cause}; run jobs/featurize.py first" for line in tail), tail
+    assert "exitcode  : 2" in r.stderr                  # (torchrun stops the other rank once one has failed)
+    assert not (tmp_path / "x").exists()
 
 
 def test_evaluate_names_a_missing_checkpoint(tmp_path: Path):
