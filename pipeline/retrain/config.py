@@ -61,6 +61,28 @@ class GateSettings:
 
 
 @dataclass(frozen=True)
+class CheckSettings:
+    """Data checks of the new (held-out) day before a training run is spent on it, against the median of
+    the trailing processed days (TFX's ExampleValidator in spirit): a day outside a bound is held - not
+    trained on, counted as processed and left out of later windows until re-admitted (``--readmit N``).
+    A ratio's bound of 0 (min) or a large number (max) turns that check off."""
+
+    trailing_days: int = C.setting(7, C.at_least(1), doc="compare with the newest this many processed days")
+    min_trailing_days: int = C.setting(2, C.at_least(1), doc="fewer trailing days with stats: no checks")
+    max_rows_ratio: float = C.setting(3.0, C.at_least(1.0), doc="rows / trailing rows at most")
+    min_rows_ratio: float = C.setting(0.33, C.in_range(0.0, 1.0), doc="rows / trailing rows at least")
+    max_positive_rate_ratio: float = C.setting(2.0, C.at_least(1.0), doc="positive rate / trailing at most")
+    min_positive_rate_ratio: float = C.setting(0.5, C.in_range(0.0, 1.0), doc="positive rate / trailing at least")
+    max_reject_fraction_increase: float = C.setting(0.02, C.in_range(0.0, 1.0),
+                                                    doc="malformed share of the day's lines - trailing, at most")
+    max_missing_rate_increase: float = C.setting(0.2, C.in_range(0.0, 1.0),
+                                                 doc="per field: share of id 0 - trailing, at most")
+    max_distinct_ratio: float = C.setting(3.0, C.at_least(1.0), doc="per field: distinct ids / trailing at most")
+    min_distinct_ratio: float = C.setting(0.33, C.in_range(0.0, 1.0), doc="per field: distinct ids / trailing "
+                                                                          "at least")
+
+
+@dataclass(frozen=True)
 class Timeouts:
     """Seconds per step; a step that takes longer is stopped and the run fails."""
 
@@ -88,6 +110,7 @@ class RetrainConfig:
     spark: SparkSettings = C.setting(factory=SparkSettings)
     train: TrainSettings = C.setting(factory=TrainSettings)
     gate: GateSettings = C.setting(factory=GateSettings)
+    checks: CheckSettings = C.setting(factory=CheckSettings)
     timeouts: Timeouts = C.setting(factory=Timeouts)
 
 
