@@ -1,5 +1,5 @@
 """The command line: ``python -m pipeline.retrain --config conf/retrain.yaml [--day N] [--refit] [--force]
-[--dry-run]``; :func:`main` returns the exit code."""
+[--dry-run]``, or ``--readmit N`` alone; :func:`main` returns the exit code."""
 from __future__ import annotations
 
 import argparse
@@ -20,7 +20,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--refit", action="store_true", help="refit boundaries and vocabulary and train from scratch")
     p.add_argument("--force", action="store_true", help="process the day even when it was already processed")
     p.add_argument("--dry-run", action="store_true", help="print what would be done, change nothing")
-    return p.parse_args(argv)
+    p.add_argument("--readmit", type=int, metavar="N",
+                   help="let excluded day N (rejected by the gate or held by the data checks) into later windows "
+                        "again, record it, and exit (no run)")
+    a = p.parse_args(argv)
+    if a.readmit is not None and (a.day is not None or a.refit or a.force or a.dry_run):
+        p.error("--readmit N goes alone: it records the re-admission and exits; the next run uses it")
+    return a
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -30,4 +36,4 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RetrainConfigError as e:
         print(f"retrain: error: {e}", file=sys.stderr)
         return EXIT_CONFIG
-    return run(cfg, day=a.day, refit=a.refit, force=a.force, dry_run=a.dry_run)
+    return run(cfg, day=a.day, refit=a.refit, force=a.force, dry_run=a.dry_run, readmit=a.readmit)

@@ -5,11 +5,13 @@ A day file's name comes from the contract's ``source.file_pattern`` and its comp
 """
 from __future__ import annotations
 
+import os
 import re
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import Iterable, Mapping
 
 from pipeline import layout
 
@@ -70,3 +72,27 @@ def scan_days(raw_dir: Path, file_pattern: str, rule: str, stable_seconds: int, 
     incomplete = {d: next(w for w in ws if w is not None) for d, ws in sorted(status.items())
                   if any(w is not None for w in ws)}
     return DayScan(complete, incomplete)
+
+
+def link_days(raw_dir: Path, file_pattern: str, days: Iterable[int], dest: Path) -> list[str]:
+    """Make ``dest`` a folder of symbolic links to the raw entries (files, or folders of parts) of ``days``,
+    each under its own name in ``raw_dir`` (so ``day_3.gz`` stays ``day_3.gz`` and is read as gzip), and
+    return the names. The featurize job reads this folder instead of ``raw_dir``, so a window can leave
+    days out (excluded days) without a flag of the job and without touching the raw folder.
+
+        raw: day_1, day_1.done, day_2.gz, day_3; days [1, 3] -> dest/day_1 -> raw/day_1, dest/day_3 -> raw/day_3
+    """
+    want = set(days)
+    rx = re.compile(file_pattern)
+    if dest.is_symlink() or dest.is_file():
+        dest.unlink()
+    elif dest.exists():
+        shutil.rmtree(dest)                     # removes the links, never what they point at
+    dest.mkdir(parents=True)
+    names: list[str] = []
+    for e in sorted(raw_dir.iterdir()):
+        m = None if e.name.startswith((".", "_")) else rx.search(e.name)
+        if m and int(m.group(1)) in want:
+            os.symlink(e.resolve(), dest / e.name)
+            names.append(e.name)
+    return names

@@ -40,6 +40,20 @@ def gate(candidate: Mapping[str, Any], current: Mapping[str, Any] | None, g: Gat
     return all(c["passed"] for c in checks), checks
 
 
+# A candidate that fails only "vs_current" (a little worse than the current model on the same rows) says
+# nothing against its day; the other checks judge the held-out day itself (too few rows, labels that no
+# model learned: AUC near 0.5, miscalibrated, non-finite loss), so such a day stays out of later windows.
+RELATIVE_CHECKS = frozenset({"vs_current"})
+
+
+def day_failures(checks: list[dict]) -> list[str]:
+    """The failed checks that judge the day (not merely the candidate against the current model).
+
+        [{"check": "min_auc", "passed": False}, {"check": "vs_current", "passed": False}] -> ["min_auc"]
+    """
+    return [c["check"] for c in checks if not c["passed"] and c["check"] not in RELATIVE_CHECKS]
+
+
 def describe(g: GateSettings, with_current: bool) -> str:
     """The checks in words (for the dry run)."""
     return (f"test rows >= {g.min_rows}, logloss finite, calibration in [{g.calibration_min}, {g.calibration_max}], "

@@ -8,6 +8,13 @@ returns a :class:`Plan` or :class:`Nothing` (with the reason) - no printing, no 
     scan = DayScan(complete=(0, 1, 2), incomplete={})
     make_plan(scan, RegistryState(), cfg, "fp")        # window_days 7, valid_days 1
     -> Plan(day=2, first=0, splits={"train": (0,), "valid": (1,), "test": (2,)}, cold_start_reason="first run: ...")
+
+The window: the held-out day and the ``window_days`` calendar days before it that are not excluded
+(:class:`~pipeline.retrain.registry.Exclusion`: a day whose candidate the gate rejected, or that the data
+checks held); each excluded day moves the window's start one day earlier (never before day 0), so a
+window trains on as many days as it would have, and the excluded ones are listed in ``left_out``:
+
+    window_days 2, day 3 excluded, newest day 4 -> first 1, days (1, 2, 4), left_out (day 3, why)
 """
 from __future__ import annotations
 
@@ -38,10 +45,19 @@ class Nothing:
 
 
 @dataclass(frozen=True)
+class LeftOut:
+    """An excluded day within the window's span, left out of its train and valid days."""
+
+    day: int
+    reason: str
+
+
+@dataclass(frozen=True)
 class Plan:
     day: int                                    # the held-out (test) day, the newest of the window
-    first: int                                  # the window is first .. day
-    days: tuple[int, ...]                       # its complete days
+    first: int                                  # the window spans first .. day
+    days: tuple[int, ...]                       # its complete days that are not excluded
+    left_out: tuple[LeftOut, ...]               # the excluded days of first .. day - 1, and why
     splits: Mapping[str, tuple[int, ...]]       # train / valid / test days (pipeline.layout.split_days)
     contract: str
     contract_fingerprint: str
@@ -53,6 +69,8 @@ class Plan:
     neg_sample_rate: float | None
     featurize_args: tuple[str, ...]
     train: Mapping[str, Any]                    # the training settings (what the run key covers)
+    trailing: tuple[int, ...] = ()              # processed days (not excluded) the data checks compare with
+    hold_on_checks: bool = True                 # False: an operator re-admitted the day; checks are recorded only
 
     @property
     def last(self) -> int:
@@ -61,6 +79,11 @@ class Plan:
     @property
     def warm_start(self) -> bool:
         return self.cold_start_reason is None
+
+    @property
+    def gaps(self) -> tuple[int, ...]:
+        """Days between the first and last featurized day that are not featurized (excluded or absent)."""
+        return layout.missing_days(self.days)
 
     @property
     def valid_days(self) -> int:
@@ -83,8 +106,9 @@ class Plan:
 
     def window_text(self) -> str:
         s = self.splits
+        out = "; left out " + ", ".join(f"{x.day} ({x.reason})" for x in self.left_out) if self.left_out else ""
         return (f"window {self.first}-{self.last} (train {list(s['train'])}, valid {list(s['valid'])}, "
-                f"test {list(s['test'])})")
+                f"test {list(s['test'])}{out})")
 
     def start_text(self) -> str:
         return f"warm start from {self.parent}" if self.warm_start else f"cold start: {self.cold_start_reason}"
@@ -101,13 +125,16 @@ def _plain(x: Any) -> Any:
 def make_plan(scan: DayScan, registry: RegistryState, cfg: RetrainConfig, contract_fingerprint: str,
               day: int | None = None, refit: bool = False, force: bool = False) -> Plan | Nothing:
     """This run's plan: the newest complete day whose window has no incomplete day and that was not
-    processed (or ``day``; ``force`` redoes a processed one), its window and split, and whether it
-    starts warm from the current model. Raises :class:`PlanError` when ``day`` cannot be processed."""
+    processed (or ``day``; ``force`` redoes a processed one), its window (without the excluded days) and
+    split, the days its data checks compare it with, and whether it starts warm from the current model.
+    Raises :class:`PlanError` when ``day`` cannot be processed."""
     newest = _newest(scan, registry, cfg, day, force)
     if isinstance(newest, Nothing):
         return newest
-    first = max(0, newest - cfg.window_days)
-    days = tuple(d for d in scan.complete if first <= d <= newest)
+    ex = registry.excluded
+    first = window_start(newest, cfg.window_days, ex)
+    days = tuple(d for d in scan.complete if first <= d <= newest and (d == newest or d not in ex))
+    left_out = tuple(LeftOut(d, ex[d]) for d in sorted(ex) if first <= d < newest)
     valid = cfg.valid_days if len(days) - 1 - cfg.valid_days >= cfg.min_train_days else 0
     try:
         splits = layout.split_days(days, valid, TEST_DAYS)
@@ -124,28 +151,51 @@ def make_plan(scan: DayScan, registry: RegistryState, cfg: RetrainConfig, contra
                 cold_start_reason=cold, reuse=str(warm.features) if warm else None,
                 warm_start_from=str(warm.checkpoint) if warm else None, neg_sample_rate=cfg.neg_sample_rate,
                 featurize_args=cfg.spark.featurize_args,
-                train=_plain({"config": t.config, **t.settings, "extra_args": t.extra_args}))
+                train=_plain({"config": t.config, **t.settings, "extra_args": t.extra_args}),
+                left_out=left_out, trailing=trailing_days(newest, registry, cfg, contract_fingerprint),
+                hold_on_checks=newest not in registry.readmitted)
 
 
-def _window_incomplete(scan: DayScan, day: int, window_days: int) -> list[int]:
-    return sorted(i for i in scan.incomplete if max(0, day - window_days) <= i <= day)
+def window_start(day: int, window_days: int, excluded: Mapping[int, Any]) -> int:
+    """The first day of ``day``'s window: ``window_days`` days before it that are not excluded, or day 0.
+
+        window_start(4, 2, {}) -> 2;  window_start(4, 2, {3: "..."}) -> 1;  window_start(1, 7, {}) -> 0
+    """
+    first, kept = day, 0
+    while kept < window_days and first > 0:
+        first -= 1
+        kept += first not in excluded
+    return first
+
+
+def trailing_days(day: int, registry: RegistryState, cfg: RetrainConfig, contract_fingerprint: str) -> tuple[int, ...]:
+    """The days ``day``'s data checks compare it with: the newest ``checks.trailing_days`` processed days
+    before it that are not excluded and whose statistics were kept under the same contract."""
+    ok = sorted(d for d in registry.processed_days if d < day and d not in registry.excluded
+                and registry.day_stats.get(d) == contract_fingerprint)
+    return tuple(ok[-cfg.checks.trailing_days:])
+
+
+def _window_incomplete(scan: DayScan, day: int, window_days: int, excluded: Mapping[int, Any]) -> list[int]:
+    first = window_start(day, window_days, excluded)
+    return sorted(i for i in scan.incomplete if first <= i <= day)
 
 
 def _newest(scan: DayScan, registry: RegistryState, cfg: RetrainConfig, day: int | None,
             force: bool) -> int | Nothing:
-    """The day to hold out, or why there is none."""
-    processed = registry.processed_days
+    """The day to hold out, or why there is none. An excluded day was processed (its run excluded it)."""
+    processed = registry.processed_days | frozenset(registry.excluded)
     if day is not None:
         if day not in scan.complete:
             why = scan.incomplete.get(day, "no such day file")
             raise PlanError(f"--day {day}: day {day} is not complete in {cfg.raw_dir} ({why})")
-        bad = _window_incomplete(scan, day, cfg.window_days)
+        bad = _window_incomplete(scan, day, cfg.window_days, registry.excluded)
         if bad:
             raise PlanError(f"--day {day}: day(s) {bad} of its window are not complete yet")
         if day in processed and not force:
             return Nothing(f"day {day} was already processed (pass --force to redo it)")
         return day
-    eligible = [d for d in scan.complete if not _window_incomplete(scan, d, cfg.window_days)]
+    eligible = [d for d in scan.complete if not _window_incomplete(scan, d, cfg.window_days, registry.excluded)]
     waiting = f"; incomplete: {dict(sorted(scan.incomplete.items()))}" if scan.incomplete else ""
     if not eligible:
         return Nothing(f"no complete day in {cfg.raw_dir}{waiting}")

@@ -9,7 +9,10 @@ from typing import Any
 
 from pipeline.retrain.jsonio import now, read_json, write_json
 
-DONE_STATUSES = ("promoted", "kept_current")    # the day counts as processed
+# the day counts as processed: its candidate was promoted or rejected (with a current model to keep), or
+# the data checks held it; not "no_model" (the first candidate rejected: a later run tries again),
+# "failed", "interrupted", or "readmitted" (an operator's re-admission, recorded under the day)
+DONE_STATUSES = ("promoted", "kept_current", "held")
 
 
 class RunRecords:
@@ -25,7 +28,7 @@ class RunRecords:
         return out
 
     def processed_days(self) -> set[int]:
-        """The held-out days of runs that promoted or rejected a candidate."""
+        """The held-out days of runs that promoted or rejected a candidate, or held the day."""
         return {r["day"] for _, r in self.all() if r.get("status") in DONE_STATUSES and isinstance(r.get("day"), int)}
 
     def mark_interrupted(self, run_id: str) -> None:

@@ -4,6 +4,8 @@
       v000001/  v000002/   checkpoint/, features/ (what featurize --reuse needs), manifest.json,
                            metrics.json, train_metrics.json, lineage.json
       current -> v000002   a symlink, replaced atomically
+      excluded.json        the days left out of later windows (rejected by the gate, held by the data
+                           checks), why, and the history of exclusions and re-admissions
       .lock                flock of the running retrain
 
 A version folder is written as ``.vNNNNNN.tmp-<pid>`` and renamed when complete; ``current`` is switched
@@ -11,12 +13,13 @@ only after that. :meth:`Registry.state` is what the retrain plan reads of it.
 """
 from __future__ import annotations
 
+import dataclasses
 import errno
 import fcntl
 import os
 import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -31,6 +34,7 @@ METRICS = "metrics.json"                # a version's test metrics, the current 
 TRAIN_METRICS = "train_metrics.json"    # the trainer's own metrics.json of the run
 CHECKPOINT = "checkpoint"               # a version's model: a copy of the run's latest complete checkpoint
 FEATURES = "features"                   # a version's manifest (+ vocabulary) and _SUCCESS, for --reuse
+EXCLUDED = "excluded.json"              # the excluded days and the history of exclusions and re-admissions
 VERSION_RE = re.compile(r"^v(\d{6})$")
 PARTIAL_RE = re.compile(r"^\.v\d{6}\.tmp")
 LOCK_MESSAGE = "another retrain run holds the lock"
@@ -86,11 +90,41 @@ class CurrentModel:
 
 
 @dataclass(frozen=True)
+class Exclusion:
+    """A day left out of later windows (train and valid) until an operator re-admits it."""
+
+    day: int
+    by: str                                   # "gate" (its candidate was rejected) | "data_checks" (held)
+    checks: tuple[str, ...]                   # the failed gate checks, or the checks: bounds it broke
+    reason: str                               # one line: which check, with the numbers
+    run_id: str
+    since: str
+
+    @property
+    def text(self) -> str:
+        what = "rejected by the gate" if self.by == "gate" else "held by data checks"
+        return f"{what} ({', '.join(self.checks)}): {self.reason}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"day": self.day, "by": self.by, "checks": list(self.checks), "reason": self.reason,
+                "run_id": self.run_id, "since": self.since}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> "Exclusion":
+        return cls(day=int(d["day"]), by=str(d["by"]), checks=tuple(str(c) for c in d.get("checks") or ()),
+                   reason=str(d.get("reason", "")), run_id=str(d.get("run_id", "")), since=str(d.get("since", "")))
+
+
+@dataclass(frozen=True)
 class RegistryState:
-    """The registry (and the run records) as the plan sees them."""
+    """The registry (and the run records, and the kept day statistics) as the plan sees them."""
 
     current: CurrentModel | None = None
-    processed_days: frozenset[int] = frozenset()     # promoted or rejected before, and the current's day
+    processed_days: frozenset[int] = frozenset()     # promoted, rejected or held before, and the current's day
+                                                     # (the plan counts the excluded days as processed too)
+    excluded: Mapping[int, str] = field(default_factory=dict)   # day -> why it is left out of windows
+    readmitted: frozenset[int] = frozenset()         # re-admitted by an operator (its data checks are waived)
+    day_stats: Mapping[int, str] = field(default_factory=dict)  # days with kept statistics -> contract fingerprint
 
 
 class Registry:
@@ -125,12 +159,17 @@ class Registry:
             raise RegistryError(f"{self.root / CURRENT} points at {name!r}, which is not a version folder")
         return self.version(name)
 
-    def state(self, recorded_days: Iterable[int]) -> RegistryState:
-        """The current version as the plan needs it, and every processed day: ``recorded_days`` (from the
-        run records) and the current version's held-out day."""
+    def state(self, recorded_days: Iterable[int], day_stats: Mapping[int, str] | None = None) -> RegistryState:
+        """The current version as the plan needs it, every processed day (``recorded_days`` from the run
+        records and the current version's held-out day), the excluded and re-admitted days, and
+        ``day_stats`` (the days whose statistics are kept)."""
+        excluded = self.excluded()
+        processed = frozenset(recorded_days)
+        base = RegistryState(None, processed, excluded={d: e.text for d, e in excluded.items()},
+                             readmitted=frozenset(self.readmitted()), day_stats=dict(day_stats or {}))
         v = self.current()
         if v is None:
-            return RegistryState(None, frozenset(recorded_days))
+            return base
         day = v.lineage.get("day")
         day = day if isinstance(day, int) else None
         cur = CurrentModel(
@@ -138,7 +177,53 @@ class Registry:
             contract_fingerprint=v.lineage.get("contract_fingerprint"),
             feature_fingerprint=v.lineage.get("feature_fingerprint"), architecture=_architecture(v.checkpoint),
             reusable=M.is_complete(v.features) and layout.is_complete_checkpoint(v.checkpoint))
-        return RegistryState(cur, frozenset(recorded_days) | ({day} if day is not None else set()))
+        return dataclasses.replace(base, current=cur, processed_days=processed | ({day} if day is not None else set()))
+
+    # -- excluded days ------------------------------------------------------------------------------
+    def _exclusions(self) -> dict[str, Any]:
+        d = read_json(self.root / EXCLUDED)
+        if d is None and (self.root / EXCLUDED).exists():
+            raise RegistryError(f"{self.root / EXCLUDED}: not readable JSON; fix or remove it (it lists the days "
+                                "left out of training windows)")
+        d = d if isinstance(d, dict) else {}
+        return {"excluded": list(d.get("excluded") or []), "history": list(d.get("history") or [])}
+
+    def excluded(self) -> dict[int, Exclusion]:
+        """The days left out of later windows, by day."""
+        try:
+            return {e.day: e for e in (Exclusion.from_json(x) for x in self._exclusions()["excluded"])}
+        except (KeyError, TypeError, ValueError) as e:
+            raise RegistryError(f"{self.root / EXCLUDED}: not a list of excluded days ({e})") from None
+
+    def readmitted(self) -> set[int]:
+        """Days whose last event is a re-admission by an operator."""
+        last: dict[int, str] = {}
+        for h in self._exclusions()["history"]:
+            if isinstance(h, dict) and isinstance(h.get("day"), int):
+                last[h["day"]] = str(h.get("event"))
+        return {d for d, ev in last.items() if ev == "readmitted"}
+
+    def _write_exclusions(self, excluded: Mapping[int, Exclusion], event: Mapping[str, Any]) -> None:
+        d = self._exclusions()
+        write_json(self.root / EXCLUDED, {"excluded": [e.to_json() for _, e in sorted(excluded.items())],
+                                          "history": [*d["history"], {**event, "at": now()}]})
+        fsync_dir(self.root)
+
+    def exclude(self, e: Exclusion) -> None:
+        """Leave ``e.day`` out of later windows (replacing an earlier exclusion of the day)."""
+        ex = self.excluded()
+        ex[e.day] = e
+        self._write_exclusions(ex, {"event": "excluded", **e.to_json()})
+
+    def readmit(self, day: int, run_id: str, by: str = "operator") -> Exclusion:
+        """Let ``day`` into later windows again; the exclusion it had. RegistryError when it has none."""
+        ex = self.excluded()
+        if day not in ex:
+            raise RegistryError(f"day {day} is not excluded (excluded: {sorted(ex) or 'none'})")
+        gone = ex.pop(day)
+        self._write_exclusions(ex, {"event": "readmitted", "day": day, "by": by, "run_id": run_id,
+                                    "was": gone.to_json()})
+        return gone
 
     def next_name(self) -> str:
         nums = [int(m.group(1)) for p in (self.root.iterdir() if self.root.is_dir() else [])

@@ -1,9 +1,14 @@
 """Carry out one retrain run: see (raw days, registry, run records), decide (:func:`make_plan`), act.
 
-Acting on a plan: featurize the window (spark-submit jobs/featurize.py), train a candidate (torchrun
-deepfm/train.py), evaluate the current model on the same held-out day (python -m deepfm.evaluate), gate,
-publish, prune, and record every step. Every finished step of a plan is reused by a rerun of the same
-plan (the work folder is named after the plan's key). This module does the printing.
+Acting on a plan: featurize the window (spark-submit jobs/featurize.py, reading a folder of links to
+the window's day files, so excluded days are left out), check the new day's data against the trailing
+days (a day outside the bounds is held: not trained on), train a candidate (torchrun deepfm/train.py),
+evaluate the current model on the same held-out day (python -m deepfm.evaluate), gate, publish, prune,
+and record every step. A day the gate judges (see :func:`~pipeline.retrain.gate.day_failures`) or the
+data checks hold is excluded from later windows until ``--readmit N``. A first candidate the gate
+rejects leaves no model to serve: the run fails (exit 1) and the day stays unprocessed. Every finished
+step of a plan is reused by a rerun of the same plan (the work folder is named after the plan's key).
+This module does the printing.
 """
 from __future__ import annotations
 
@@ -13,26 +18,31 @@ import signal
 import sys
 import traceback
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from pipeline import layout
 from pipeline import manifest as M
 from pipeline.contract import ContractError, load_contract
 from pipeline.retrain.config import ROOT, RetrainConfig, trainer_args
-from pipeline.retrain.days import scan_days
-from pipeline.retrain.gate import describe as describe_gate, fmt, gate
+from pipeline.retrain.checks import DataChecks, DayStatsFiles, check_day, read_day_stats
+from pipeline.retrain.days import link_days, scan_days
+from pipeline.retrain.gate import day_failures, describe as describe_gate, fmt, gate
 from pipeline.retrain.jsonio import now, read_json, write_json
 from pipeline.retrain.plan import Nothing, Plan, PlanError, cold_after_featurize, make_plan
 from pipeline.retrain.procs import (Interrupted, StepError, child_env, find_tool, kill_stale, quote, run_child)
 from pipeline.retrain.records import RunRecord, RunRecords
-from pipeline.retrain.registry import (CURRENT, LOCK, METRICS, TRAIN_METRICS, LockBusy, Registry, RegistryError,
-                                       RegistryState, RunLock, Version)
+from pipeline.retrain.registry import (CURRENT, LOCK, METRICS, TRAIN_METRICS, Exclusion, LockBusy, Registry,
+                                       RegistryError, RegistryState, RunLock, Version)
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_LOCKED = 0, 1, 2, 3
 
-# the work folder: days/day_<N>-<plan key>/{plan.json, featurized/, train/, train.done, eval_current.json}
+# the work folder: runs/ (the run records), stats/day_<N>.json (the kept statistics of processed days),
+# days/day_<N>-<plan key>/{plan.json, input/, featurized/, train/, train.done, eval_current.json}
+RUNS = "runs"
+STATS = "stats"
 DAYS = "days"
 PLAN_FILE = "plan.json"
+INPUT = "input"                 # links to the window's raw day files: what featurize reads
 FEATURIZED = "featurized"
 TRAIN_RUN = "train"
 TRAIN_DONE = "train.done"
@@ -46,10 +56,12 @@ class Run:
         self.refit = refit
         self.force = force
         self.registry = Registry(cfg.registry_dir)
-        self.records = RunRecords(cfg.work_dir / "runs")
+        self.records = RunRecords(cfg.work_dir / RUNS)
         self.record = RunRecord(self.records.root, cfg.path)
+        self.stats = DayStatsFiles(cfg.work_dir / STATS)
         self.step = "start"
         self.env = child_env()
+        self.file_pattern = ""                  # the contract's, once decide() has read it
 
     # -- see and decide -----------------------------------------------------------------------------
     def decide(self) -> tuple[Plan | Nothing, RegistryState]:
@@ -58,8 +70,9 @@ class Run:
         if contract.source.day_from != "file_name":
             raise StepError("find_days", f"{cfg.contract}: retraining needs one file per day (source.day_from: "
                                          "file_name)")
+        self.file_pattern = contract.source.file_pattern
         scan = scan_days(cfg.raw_dir, contract.source.file_pattern, cfg.completeness, cfg.stable_seconds)
-        state = self.registry.state(self.records.processed_days())
+        state = self.registry.state(self.records.processed_days(), self.stats.index())
         try:
             return make_plan(scan, state, cfg, contract.fingerprint, self.day, self.refit, self.force), state
         except PlanError as e:
@@ -74,12 +87,17 @@ class Run:
         return self.cfg.work_dir / DAYS / f"day_{plan.day}-{plan.run_key}"
 
     # -- the commands -------------------------------------------------------------------------------
-    def featurize_cmd(self, plan: Plan, out: Path) -> list[str]:
+    def featurize_cmd(self, plan: Plan, day_dir: Path) -> list[str]:
+        """The featurize job over ``day_dir/input`` (links to the window's day files, excluded days left
+        out); days missing between its first and last day are allowed (``--allow-day-gaps``): they are
+        the excluded days, or days that never arrived."""
         c = self.cfg
         cmd = [find_tool("spark-submit", self.env), "--master", c.spark.master, *c.spark.submit_args,
-               str(ROOT / "jobs" / "featurize.py"), "--input", str(c.raw_dir), "--output", str(out),
-               "--config", plan.contract, "--days", f"{plan.first}-{plan.last}",
+               str(ROOT / "jobs" / "featurize.py"), "--input", str(day_dir / INPUT),
+               "--output", str(day_dir / FEATURIZED), "--config", plan.contract, "--days", f"{plan.first}-{plan.last}",
                "--valid-days", str(plan.valid_days), "--test-days", str(plan.test_days)]
+        if plan.gaps:
+            cmd += ["--allow-day-gaps"]
         if plan.reuse:
             cmd += ["--reuse", plan.reuse]
         if plan.neg_sample_rate is not None:
@@ -117,22 +135,44 @@ class Run:
         resume = layout.latest_checkpoint(run_dir)
         print(f"retrain (dry run): would process day {plan.day}: {plan.window_text()}; {plan.start_text()}")
         print(f"  work folder: {day_dir}" + (" (exists: its finished steps would be reused)" if day_dir.exists() else ""))
-        print(f"  1. featurize{' (already complete, reused)' if M.is_complete(feat) else ''}: "
-              f"{quote(self.featurize_cmd(plan, feat))}")
-        print(f"  2. train{f' (resumes from {resume})' if resume else ''}: "
+        print(f"  1. featurize{' (already complete, reused)' if M.is_complete(feat) else ''} days {list(plan.days)} "
+              f"(linked into {day_dir / INPUT}): {quote(self.featurize_cmd(plan, day_dir))}")
+        trailing = (f"against trailing day(s) {list(plan.trailing)}" if plan.trailing else "no trailing days yet")
+        print(f"  2. data checks of day {plan.day} {trailing}"
+              + ("" if plan.hold_on_checks else " (recorded only: an operator re-admitted the day)"))
+        print(f"  3. train{f' (resumes from {resume})' if resume else ''}: "
               f"{quote(self.train_cmd(feat, run_dir, plan.warm_start_from))}")
         if plan.parent:
-            print(f"  3. evaluate current {plan.parent} on the same test day: "
+            print(f"  4. evaluate current {plan.parent} on the same test day: "
                   f"{quote(self.evaluate_cmd(self.registry.version(plan.parent), feat, day_dir / EVAL_CURRENT))}")
         else:
-            print("  3. no current model to compare with")
-        print(f"  4. gate: {describe_gate(self.cfg.gate, plan.parent is not None)}")
-        print(f"  5. if it passes: {self.cfg.registry_dir / self.registry.next_name()}, then "
+            print("  4. no current model to compare with")
+        print(f"  5. gate: {describe_gate(self.cfg.gate, plan.parent is not None)}")
+        print(f"  6. if it passes: {self.cfg.registry_dir / self.registry.next_name()}, then "
               f"{self.cfg.registry_dir / CURRENT} -> it; keep the last {self.cfg.keep_versions} version(s)")
 
     # -- the scheduled run --------------------------------------------------------------------------
     def scheduled(self) -> int:
         """Take the lock, then see, decide and act; SIGTERM/SIGHUP stop the step and are recorded."""
+        return self._with_lock(self._locked)
+
+    def readmit(self, day: int) -> int:
+        """Let an excluded day into later windows again (under the lock), with a run record saying so."""
+        def body() -> int:
+            try:
+                was = self.registry.readmit(day, self.record.run_id)
+            except RegistryError as e:
+                print(f"retrain: error: --readmit {day}: {e}", file=sys.stderr)
+                return EXIT_CONFIG
+            self.record.update(day=day, action="readmit", readmitted=was.to_json())
+            self.record.finish(status="readmitted", decision="readmitted", reason=f"re-admitted by an operator; it "
+                                                                                   f"was {was.text}")
+            print(f"retrain: readmitted day {day} (it was {was.text}); later windows include it again")
+            print(f"retrain: run record {self.record.path}")
+            return EXIT_OK
+        return self._with_lock(body)
+
+    def _with_lock(self, body: Callable[[], int]) -> int:
         self.cfg.registry_dir.mkdir(parents=True, exist_ok=True)
         lock = RunLock(self.cfg.registry_dir / LOCK)
         try:
@@ -147,7 +187,7 @@ class Run:
         for s in old:
             signal.signal(s, on_signal)
         try:
-            return self._locked()
+            return body()
         finally:
             for s, h in old.items():
                 signal.signal(s, h)
@@ -200,10 +240,14 @@ class Run:
                                                  "splits": {k: list(v) for k, v in plan.splits.items()}},
                            parent=plan.parent, warm_start=plan.warm_start, start="warm" if plan.warm_start else "cold",
                            cold_start_reason=plan.cold_start_reason, run_key=plan.run_key, work_dir=str(day_dir),
-                           resumed_work_dir=resumed)
+                           resumed_work_dir=resumed, left_out=[{"day": x.day, "reason": x.reason} for x in plan.left_out],
+                           trailing_days=list(plan.trailing))
         print(f"retrain: day {plan.day}: {plan.window_text()}; {plan.start_text()}"
               + (f"; resuming {day_dir}" if resumed else ""), flush=True)
         feat, manifest = self._featurize(plan, day_dir)
+        checked = self._check_data(plan, feat, manifest)
+        if checked.held and plan.hold_on_checks:
+            return self._hold(plan, day_dir, checked)
         warm_from = plan.warm_start_from
         cold = cold_after_featurize(plan, manifest.feature_fingerprint)
         if cold is not None:
@@ -218,13 +262,67 @@ class Run:
         passed, checks = gate(candidate, current_metrics, self.cfg.gate)
         self.record.update(gate={"passed": passed, "checks": checks})
         self.record.step("gate", status="passed" if passed else "rejected")
+        if not passed and plan.parent is None:
+            return self._no_model(plan, day_dir, checks)
         version = None
         if passed:
             self._begin("publish")
             version = self._publish(plan, feat, manifest, run_dir, ckpt, train_metrics, checks, warm_from)
             self.record.step("publish", status="done", version=version.name)
+            if plan.day in self.registry.excluded():         # a forced redo of an excluded day that passed
+                self.registry.readmit(plan.day, self.record.run_id, by=f"run {self.record.run_id} (promoted)")
+        else:
+            judged = day_failures(checks)
+            if judged:
+                self.registry.exclude(Exclusion(
+                    day=plan.day, by="gate", checks=tuple(judged), run_id=self.record.run_id, since=now(),
+                    reason="; ".join(c["detail"] for c in checks if c["check"] in judged)))
+            self.record.update(excluded=bool(judged))
         self._finish(plan, day_dir, version, warm_from, checks)
         return EXIT_OK
+
+    def _check_data(self, plan: Plan, feat: Path, manifest: M.Manifest) -> DataChecks:
+        """The new day's statistics (kept for the days after it) against the trailing days' kept ones."""
+        self._begin("data_checks")
+        st = read_day_stats(feat, manifest, plan.day)
+        trailing = [t for t in (self.stats.load(d) for d in plan.trailing) if t is not None]
+        checked = check_day(st, trailing, self.cfg.checks)
+        self.stats.save(st)
+        status = ("skipped" if checked.skipped else "passed" if not checked.held
+                  else "held" if plan.hold_on_checks else "waived")
+        self.record.update(day_stats=st.to_json(), data_checks={**checked.to_json(), "enforced": plan.hold_on_checks})
+        self.record.step("data_checks", status=status, stats=str(self.stats.path(plan.day)), finished=now(),
+                         **({"reason": checked.skipped} if checked.skipped else {}))
+        if checked.held and not plan.hold_on_checks:
+            print(f"retrain: day {plan.day}: data checks would hold it ({checked.reason}); re-admitted by an "
+                  "operator, so it trains", flush=True)
+        return checked
+
+    def _hold(self, plan: Plan, day_dir: Path, checked: DataChecks) -> int:
+        """A day outside the data checks' bounds: not trained on, processed, excluded from later windows."""
+        bounds = tuple(dict.fromkeys(c.bound for c in checked.failed if c.bound))
+        self.registry.exclude(Exclusion(day=plan.day, by="data_checks", checks=bounds, reason=checked.reason,
+                                        run_id=self.record.run_id, since=now()))
+        self.step = "prune"
+        self.record.update(pruned_work_dirs=self._prune_work(day_dir), excluded=True)
+        self.record.finish(status="held", decision="held", version=self.registry.current_name(),
+                           reason=f"held by data checks: {checked.reason}")
+        print(f"retrain: held day {plan.day}: {checked.reason}")
+        print(f"retrain: run record {self.record.path}")
+        return EXIT_OK
+
+    def _no_model(self, plan: Plan, day_dir: Path, checks: list[dict]) -> int:
+        """The first candidate was rejected: nothing to serve, so the run fails and the day stays unprocessed
+        (a later run tries it again, or the next day)."""
+        reasons = "; ".join(c["detail"] for c in checks if not c["passed"])
+        self.step = "prune"
+        self.record.update(pruned_work_dirs=self._prune_work(day_dir))
+        self.record.finish(status="no_model", decision="rejected", version=None, failed_step="gate",
+                           reason=reasons, error=f"no model to serve: the first candidate was rejected ({reasons})")
+        print(f"retrain: error: no model to serve: the first candidate was rejected ({reasons}); day {plan.day} is "
+              f"not marked processed: the next run tries again (run record {self.record.path})", file=sys.stderr)
+        print(f"retrain: run record {self.record.path}")
+        return EXIT_FAILED
 
     def _open_work_dir(self, plan: Plan) -> tuple[Path, bool]:
         """The plan's work folder (and whether it existed: its finished steps are reused)."""
@@ -249,7 +347,9 @@ class Run:
         except M.ManifestError:
             for stale in day_dir.glob(f"{FEATURIZED}.__*"):      # a killed job's staging folder
                 shutil.rmtree(stale, ignore_errors=True)
-            secs = self._child("featurize", self.featurize_cmd(plan, feat), "featurize",
+            linked = link_days(self.cfg.raw_dir, self.file_pattern, plan.days, day_dir / INPUT)
+            self.record.step("featurize", input=str(day_dir / INPUT), linked=linked)
+            secs = self._child("featurize", self.featurize_cmd(plan, day_dir), "featurize",
                                ["featurize: error:", "Error:", "Exception"])
             self.record.step("featurize", status="done", seconds=secs, output=str(feat))
             try:
@@ -350,7 +450,10 @@ class Run:
             reasons = "; ".join(c["detail"] for c in checks if not c["passed"])
             cur = self.registry.current_name()
             self.record.finish(status="kept_current", decision="kept_current", version=cur, reason=reasons)
-            msg = f"retrain: day {plan.day}: kept current {cur or '(none)'}: the candidate was rejected: {reasons}"
+            judged = day_failures(checks)
+            later = (f"day {plan.day} is left out of later windows ({', '.join(judged)}; --readmit {plan.day} to "
+                     "let it in)" if judged else f"day {plan.day} stays in later windows (only vs_current failed)")
+            msg = f"retrain: day {plan.day}: kept current {cur}: the candidate was rejected: {reasons}; {later}"
         print(msg)
         print(f"retrain: run record {self.record.path}")
 
@@ -375,7 +478,10 @@ class Run:
 
 
 def run(cfg: RetrainConfig, day: int | None = None, refit: bool = False, force: bool = False,
-        dry_run: bool = False) -> int:
-    """One retrain run (or, ``dry_run``, what it would do); the exit code."""
+        dry_run: bool = False, readmit: int | None = None) -> int:
+    """One retrain run (or, ``dry_run``, what it would do; or, ``readmit``, let that excluded day into
+    later windows again); the exit code."""
     r = Run(cfg, day=day, refit=refit, force=force)
+    if readmit is not None:
+        return r.readmit(readmit)
     return r.dry_run() if dry_run else r.scheduled()
