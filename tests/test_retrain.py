@@ -1,10 +1,13 @@
 """python -m pipeline.retrain: config, day selection, gate, lock, and scheduled runs end to end.
 
-The end-to-end tests share one raw folder, work folder and registry, as a scheduler would: days arrive
-one after another, a run is killed during training and rerun, a rerun finds nothing new, and a day with
-garbage labels is rejected by the gate. Each test asks the shared schedule for the stage it starts from
-(``sched.at``), so each passes alone or in any order; the plan itself is tested on hand-made states in
-tests/test_retrain_plan.py.
+The end-to-end tests share one raw folder, work folder and registry, as a scheduler would, over seven
+days arriving one per run: the first candidate is rejected by a strict gate (no model to serve: the run
+fails and is retried), then promoted; a run is killed during training and rerun; a rerun finds nothing
+new; a day with shuffled labels is rejected by the gate and left out of the next windows; the next good
+day promotes without it; a day with ten times the rows and a day with three times the positive rate are
+held by the data checks before training; an operator re-admits one. Each test asks the shared schedule
+for the stage it starts from (``sched.at``), so each passes alone or in any order; the plan and the data
+checks themselves are tested on hand-made states in tests/test_retrain_plan.py.
 """
 from __future__ import annotations
 
@@ -65,18 +68,34 @@ def retrain(conf: Path, *args: str, timeout: int = 600) -> subprocess.CompletedP
                           env=env(), capture_output=True, text=True, timeout=timeout)
 
 
-def add_day(raw: Path, day: int, garbage_labels: bool = False) -> None:
-    """A generated day file, then (optionally) its labels replaced by coin flips, then its .done marker."""
+def add_day(raw: Path, day: int, labels: str = "kept", copies: int = 1) -> None:
+    """A generated day file, then its labels ``shuffled`` (the same positive rate, no signal left) or
+    ``tripled`` (negatives turned positive until the positive rate is about three times as high), its lines
+    written ``copies`` times, then its .done marker."""
     from pipeline.contract import load_contract
     from pipeline.generate import generate
     generate(load_contract(SMALL), raw, [day], ROWS, SEED, workers=1, max_cardinality=20_000)
-    if garbage_labels:
-        path = raw / f"day_{day}"
-        lines = path.read_bytes().split(b"\n")[:-1]
-        flips = np.random.default_rng(day).random(len(lines)) < 0.5
-        path.write_bytes(b"".join((b"1" if f else b"0") + ln[ln.index(b"\t"):] + b"\n"
-                                  for f, ln in zip(flips, lines)))
+    path = raw / f"day_{day}"
+    lines = path.read_bytes().split(b"\n")[:-1]
+    label = np.array([ln[:1] == b"1" for ln in lines])
+    rng = np.random.default_rng(day)
+    if labels == "shuffled":
+        label = rng.permutation(label)
+    elif labels == "tripled":
+        p = label.mean()
+        label = label | (rng.random(len(lines)) < 2 * p / (1 - p))
+    path.write_bytes(b"".join((b"1" if y else b"0") + ln[ln.index(b"\t"):] + b"\n"
+                              for y, ln in zip(label, lines)) * copies)
     (raw / f"day_{day}.done").write_text("")
+
+
+def positive_rate(path: Path) -> float:
+    lines = path.read_bytes().split(b"\n")[:-1]
+    return sum(ln[:1] == b"1" for ln in lines) / len(lines)
+
+
+def excluded(reg: Path) -> dict:
+    return json.loads((reg / "excluded.json").read_text())
 
 
 def current(reg: Path) -> str | None:
@@ -227,6 +246,50 @@ def test_registry_pointer_and_pruning(tmp_path: Path):
     assert reg.find_by_run_key("k3").name == "v000003"
 
 
+def test_excluded_days_are_kept_in_the_registry_with_their_history(tmp_path: Path):
+    reg = R.Registry(tmp_path)
+    assert reg.excluded() == {} and reg.state([1]).excluded == {}
+    e = R.Exclusion(day=3, by="gate", checks=("min_auc",), reason="AUC 0.4987 (min 0.55)", run_id="r1", since="t")
+    reg.exclude(e)
+    reg.exclude(R.Exclusion(day=5, by="data_checks", checks=("max_rows_ratio",), reason="rows ...", run_id="r2",
+                            since="t"))
+    assert reg.excluded() == {3: e, 5: reg.excluded()[5]}
+    st = reg.state([1, 2], {1: "fp"})
+    assert st.excluded == {3: "rejected by the gate (min_auc): AUC 0.4987 (min 0.55)",
+                           5: "held by data checks (max_rows_ratio): rows ..."}
+    assert st.processed_days == {1, 2} and st.day_stats == {1: "fp"} and st.readmitted == frozenset()
+    assert reg.readmit(3, "r3") == e
+    assert set(reg.excluded()) == {5} and reg.readmitted() == {3}
+    with pytest.raises(R.RegistryError, match=r"day 3 is not excluded \(excluded: \[5\]\)"):
+        reg.readmit(3, "r4")
+    assert [h["event"] for h in excluded(tmp_path)["history"]] == ["excluded", "excluded", "readmitted"]
+    reg.exclude(e)                                   # excluded again: no longer counted as re-admitted
+    assert reg.readmitted() == set()
+
+
+def test_featurize_reads_links_to_the_windows_day_files(tmp_path: Path):
+    from pipeline.retrain.days import link_days
+    raw = tmp_path / "raw"
+    (raw / "day_4").mkdir(parents=True)              # a folder of parts
+    for name in ("day_1", "day_1.done", "day_2.gz", "day_3", "_day_5", "notes"):
+        (raw / name).write_text(name)
+    dest = tmp_path / "work" / "input"
+    assert link_days(raw, r"day_(\d+)(\.gz)?$", [1, 2, 4], dest) == ["day_1", "day_2.gz", "day_4"]
+    assert sorted(x.name for x in dest.iterdir()) == ["day_1", "day_2.gz", "day_4"]
+    assert os.readlink(dest / "day_2.gz") == str(raw / "day_2.gz") and (dest / "day_4").is_dir()
+    assert link_days(raw, r"day_(\d+)(\.gz)?$", [3], dest) == ["day_3"]          # made afresh
+    assert sorted(x.name for x in dest.iterdir()) == ["day_3"] and (raw / "day_1").exists() and (raw / "day_4").is_dir()
+
+
+def test_readmit_of_a_day_that_is_not_excluded_is_refused(tmp_path: Path):
+    conf = write_conf(tmp_path)
+    (tmp_path / "raw").mkdir()
+    r = retrain(conf, "--readmit", "4")
+    assert r.returncode == R.EXIT_CONFIG and "--readmit 4: day 4 is not excluded (excluded: none)" in r.stderr
+    r = retrain(conf, "--readmit", "4", "--dry-run")
+    assert r.returncode == 2 and "--readmit N goes alone" in r.stderr
+
+
 def test_a_second_run_is_refused_while_the_lock_is_held(tmp_path: Path):
     conf = write_conf(tmp_path)
     (tmp_path / "raw").mkdir()
@@ -253,6 +316,7 @@ def test_dry_run_prints_the_plan_and_changes_nothing(tmp_path: Path):
     assert r.returncode == 0, r.stderr
     assert "would process day 1: window 0-1 (train [0], valid [], test [1]); cold start: first run" in r.stdout
     assert "jobs/featurize.py" in r.stdout and "--days 0-1" in r.stdout and "deepfm/train.py" in r.stdout
+    assert "--allow-day-gaps" not in r.stdout and "2. data checks of day 1 no trailing days yet" in r.stdout
     assert not (tmp_path / "registry").exists() and not (tmp_path / "work").exists()
 
 
@@ -292,9 +356,15 @@ def test_a_failed_step_is_named_and_recorded(tmp_path: Path):
 class Schedule:
     """The scheduled runs' raw folder, work folder and registry, and the stage the schedule has reached:
     0 nothing yet; 1 v000001 promoted from day 1 (trained on day 0); 2 v000002 promoted from day 2;
-    3 day 3 rejected. A test asks for the stage it starts from (:meth:`at`); the stages before it are
-    run first, and a schedule past it (or left by a test that failed half-way) is started afresh in a
-    new folder. A test that completes says which stage it leaves (:meth:`reached`)."""
+    3 day 3 (shuffled labels) rejected; 4 v000003 promoted from day 4 (trained on days 1, 2); 5 day 5 (ten
+    times the rows) held; 6 day 6 (three times the positive rate) held. A test asks for the stage it
+    starts from (:meth:`at`); the stages before it are run first, and a schedule past it (or left by a
+    test that failed half-way) is started afresh in a new folder. A test that completes says which stage
+    it leaves (:meth:`reached`)."""
+
+    # stage -> the day it adds (how it is made) and what its run prints
+    STAGES = {1: ({}, "promoted v000001"), 2: ({}, "promoted v000002"), 3: ({"labels": "shuffled"}, "kept current"),
+              4: ({}, "promoted v000003"), 5: ({"copies": 10}, "held day 5"), 6: ({"labels": "tripled"}, "held day 6")}
 
     def __init__(self, factory: pytest.TempPathFactory):
         self.factory = factory
@@ -320,14 +390,14 @@ class Schedule:
 
     def _advance(self) -> None:
         """What the tests of the next stage do, without their checks."""
-        if self.stage == 0:
+        day = self.stage + 1
+        how, says = self.STAGES[day]
+        if day == 1:
             add_day(self["raw"], 0)
-            add_day(self["raw"], 1)
-        else:
-            add_day(self["raw"], self.stage + 1)
+        add_day(self["raw"], day, **how)
         r = retrain(self["conf"])
-        assert r.returncode == 0 and f"promoted v{self.stage + 1:06d}" in r.stdout, r.stdout + r.stderr
-        self.stage += 1
+        assert r.returncode == 0 and says in r.stdout, r.stdout + r.stderr
+        self.stage = day
 
 
 @pytest.fixture(scope="module")
@@ -342,6 +412,23 @@ def test_first_run_trains_from_scratch_and_promotes(sched: Schedule):
     r = retrain(sched["conf"])
     assert r.returncode == 0 and "nothing new" in r.stdout and "at least one train day" in r.stdout, r.stderr
     add_day(sched["raw"], 1)
+    # a first candidate the gate rejects leaves nothing to serve: the run fails, the day stays unprocessed
+    strict = sched["base"] / "strict.yaml"
+    conf = yaml.safe_load(sched["conf"].read_text())
+    strict.write_text(yaml.safe_dump({**conf, "gate": {**conf["gate"], "min_auc": 0.99}}))
+    r = retrain(strict)
+    assert r.returncode == R.EXIT_FAILED, r.stdout + r.stderr
+    assert "retrain: error: no model to serve: the first candidate was rejected (AUC " in r.stderr
+    assert "(min 0.99)); day 1 is not marked processed: the next run tries again" in r.stderr
+    rec = record_of(r.stdout)
+    assert rec["status"] == "no_model" and rec["failed_step"] == "gate" and "(min 0.99)" in rec["reason"]
+    assert rec["steps"]["featurize"]["linked"] == ["day_0", "day_1"]
+    assert current(sched["reg"]) is None and not list(sched["reg"].glob("v*"))
+    assert not (sched["reg"] / "excluded.json").exists()          # the day is not judged: nothing was served
+    r = retrain(strict)                                           # tried again (its steps reused)
+    assert r.returncode == R.EXIT_FAILED and "no model to serve" in r.stderr, r.stdout + r.stderr
+    again = record_of(r.stdout)
+    assert again["day"] == 1 and again["steps"]["train"]["status"] == "reused"
     r = retrain(sched["conf"])
     assert r.returncode == 0, r.stdout + r.stderr
     assert "promoted v000001" in r.stdout
@@ -356,6 +443,10 @@ def test_first_run_trains_from_scratch_and_promotes(sched: Schedule):
     assert rec["status"] == "promoted" and rec["start"] == "cold" and rec["version"] == "v000001"
     assert rec["steps"]["evaluate_current"]["status"] == "skipped"
     assert all(c["passed"] for c in rec["gate"]["checks"])
+    assert rec["steps"]["featurize"]["status"] == "reused" and rec["steps"]["train"]["status"] == "reused"
+    assert rec["data_checks"]["skipped"].startswith("0 trailing day(s)") and not rec["data_checks"]["held"]
+    kept = json.loads((sched["work"] / "stats" / "day_1.json").read_text())
+    assert kept["rows"] == ROWS and kept["day"] == 1 and set(kept["missing"]) == set(kept["distinct"])
     sched.reached(1)
 
 
@@ -437,19 +528,107 @@ def test_a_rerun_after_success_finds_nothing_new(sched: Schedule):
 
 
 @pytest.mark.slow
-def test_a_day_with_garbage_labels_is_rejected_and_current_stays(sched: Schedule):
+def test_a_day_with_shuffled_labels_is_rejected_and_excluded(sched: Schedule):
     sched.at(2)
-    add_day(sched["raw"], 3, garbage_labels=True)
+    add_day(sched["raw"], 3, labels="shuffled")
     r = retrain(sched["conf"])
     assert r.returncode == 0, r.stdout + r.stderr
     assert "kept current v000002" in r.stdout
+    assert "day 3 is left out of later windows (min_auc; --readmit 3 to let it in)" in r.stdout
     assert current(sched["reg"]) == "v000002"
     assert sorted(x.name for x in sched["reg"].glob("v*")) == ["v000001", "v000002"]
     rec = record_of(r.stdout)
-    assert rec["status"] == "kept_current" and rec["start"] == "warm" and rec["reason"]
+    assert rec["status"] == "kept_current" and rec["start"] == "warm" and rec["reason"] and rec["excluded"] is True
     failed = {c["check"] for c in rec["gate"]["checks"] if not c["passed"]}
-    assert failed & {"calibration", "min_auc"}, rec["gate"]
+    assert "min_auc" in failed, rec["gate"]
+    # the data checks passed it: the same rows, positive rate and ids as days 1 and 2, only no signal
+    assert rec["steps"]["data_checks"]["status"] == "passed" and rec["data_checks"]["trailing_days"] == [1, 2]
+    (ex,) = excluded(sched["reg"])["excluded"]
+    assert ex["day"] == 3 and ex["by"] == "gate" and "min_auc" in ex["checks"] and "AUC 0.4" in ex["reason"]
     # the day counts as processed: the next run does not try it again
     r = retrain(sched["conf"])
     assert r.returncode == 0 and "nothing new" in r.stdout
     sched.reached(3)
+
+
+@pytest.mark.slow
+def test_the_next_good_day_trains_without_the_rejected_one_and_promotes(sched: Schedule):
+    sched.at(3)
+    add_day(sched["raw"], 4)
+    r = retrain(sched["conf"])
+    assert r.returncode == 0 and "promoted v000003" in r.stdout, r.stdout + r.stderr
+    assert "window 1-4 (train [1, 2], valid [], test [4]; left out 3 (rejected by the gate (min_auc): AUC" in r.stdout
+    rec = record_of(r.stdout)
+    assert [x["day"] for x in rec["left_out"]] == [3] and rec["left_out"][0]["reason"].startswith(
+        "rejected by the gate (min_auc): AUC 0.4")
+    assert rec["steps"]["featurize"]["linked"] == ["day_1", "day_2", "day_4"]
+    assert "--allow-day-gaps" in rec["steps"]["featurize"]["command"]
+    lin = json.loads((sched["reg"] / "v000003" / "lineage.json").read_text())
+    assert lin["days_trained"] == [1, 2] and lin["valid_days"] == [] and lin["test_days"] == [4]
+    assert lin["window"] == [1, 4] and lin["warm_started_from"] == "v000002"
+    assert json.loads((sched["reg"] / "v000003" / "manifest.json").read_text())["input"]["days"] == [1, 2, 4]
+    assert rec["data_checks"]["trailing_days"] == [1, 2] and not rec["data_checks"]["held"]
+    sched.reached(4)
+
+
+@pytest.mark.slow
+def test_a_day_with_ten_times_the_rows_is_held_before_training(sched: Schedule):
+    sched.at(4)
+    add_day(sched["raw"], 5, copies=10)
+    r = retrain(sched["conf"])
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = r.stdout.splitlines()
+    assert f"retrain: held day 5: rows {10 * ROWS} are 10.00x the trailing {ROWS} (max 3.0x)" in lines, r.stdout
+    rec = record_of(r.stdout)
+    assert rec["status"] == "held" and rec["version"] == "v000003" and "train" not in rec["steps"]
+    assert rec["data_checks"]["trailing_days"] == [1, 2, 4] and rec["data_checks"]["failed"] == ["max_rows_ratio"]
+    assert rec["day_stats"]["rows"] == 10 * ROWS and [x["day"] for x in rec["left_out"]] == [3]
+    assert current(sched["reg"]) == "v000003" and (sched["work"] / "stats" / "day_5.json").exists()
+    assert sorted(x["day"] for x in excluded(sched["reg"])["excluded"]) == [3, 5]
+    r = retrain(sched["conf"])                                    # held counts as processed
+    assert r.returncode == 0 and "nothing new" in r.stdout and "already processed (last: day 5)" in r.stdout
+    sched.reached(5)
+
+
+@pytest.mark.slow
+def test_a_day_with_three_times_the_positive_rate_is_held(sched: Schedule):
+    sched.at(5)
+    add_day(sched["raw"], 6, labels="tripled")
+    rate = positive_rate(sched["raw"] / "day_6")
+    r = retrain(sched["conf"])
+    assert r.returncode == 0, r.stdout + r.stderr
+    rec = record_of(r.stdout)
+    trailing = np.median([json.loads((sched["work"] / "stats" / f"day_{d}.json").read_text())["positive_rate"]
+                          for d in (1, 2, 4)])
+    assert 2.8 < rate / trailing < 3.2
+    want = (f"retrain: held day 6: positive rate {rate:.4f} is {rate / trailing:.2f}x the trailing {trailing:.4f} "
+            "(max 2.0x)")
+    assert want in r.stdout.splitlines(), r.stdout
+    assert rec["status"] == "held" and rec["data_checks"]["failed"] == ["max_positive_rate_ratio"]
+    assert [x["day"] for x in rec["left_out"]] == [3, 5] and rec["window"]["days"] == [2, 4, 6]
+    assert current(sched["reg"]) == "v000003"
+    sched.reached(6)
+
+
+@pytest.mark.slow
+def test_excluded_days_stay_out_of_later_windows_until_readmitted(sched: Schedule):
+    sched.at(6)
+    add_day(sched["raw"], 7)
+    r = retrain(sched["conf"], "--dry-run")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "would process day 7: window 2-7 (train [2, 4], valid [], test [7]; left out 3 (rejected by the gate" \
+        in r.stdout
+    assert "), 5 (held by data checks (max_rows_ratio): rows" in r.stdout
+    assert "), 6 (held by data checks (max_positive_rate_ratio): positive rate" in r.stdout
+    assert "--days 2-7" in r.stdout and "--allow-day-gaps" in r.stdout
+    assert "2. data checks of day 7 against trailing day(s) [1, 2, 4]" in r.stdout
+    r = retrain(sched["conf"], "--readmit", "5")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "retrain: readmitted day 5 (it was held by data checks (max_rows_ratio): rows 150000 are 10.00x" in r.stdout
+    assert record_of(r.stdout)["status"] == "readmitted"
+    assert excluded(sched["reg"])["history"][-1]["event"] == "readmitted"
+    r = retrain(sched["conf"], "--dry-run")
+    assert "would process day 7: window 4-7 (train [4, 5], valid [], test [7]; left out 6 (held by" in r.stdout
+    assert "against trailing day(s) [1, 2, 4, 5]" in r.stdout
+    r = retrain(sched["conf"], "--readmit", "5")
+    assert r.returncode == 2 and "day 5 is not excluded (excluded: [3, 6])" in r.stderr

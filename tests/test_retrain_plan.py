@@ -1,5 +1,6 @@
 """The retrain plan (pipeline.retrain.plan.make_plan) on hand-made states: raw days, what the registry
-says and the settings in, a Plan or Nothing (with its reason) out. No subprocess, no Spark, no torch, no
+says and the settings in, a Plan or Nothing (with its reason) out; and the data checks
+(pipeline.retrain.checks.check_day) on hand-made day statistics. No subprocess, no Spark, no torch, no
 folders: the paths below exist nowhere."""
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ from pathlib import Path
 import pytest
 
 from deepfm.trainconf import load_train_config
-from pipeline.retrain.config import RetrainConfig, TrainSettings
+from pipeline.retrain.checks import DataChecks, DayStats, check_day
+from pipeline.retrain.config import CheckSettings, RetrainConfig, TrainSettings
 from pipeline.retrain.days import DayScan
-from pipeline.retrain.plan import Nothing, Plan, PlanError, cold_after_featurize, make_plan
+from pipeline.retrain.plan import LeftOut, Nothing, Plan, PlanError, cold_after_featurize, make_plan, window_start
 from pipeline.retrain.registry import Architecture, CurrentModel, RegistryState
 
 CONTRACT_FP = "contract-a"
@@ -196,3 +198,157 @@ def test_the_run_key_follows_the_plan():
     d = json.loads(json.dumps(a.to_json()))
     assert d["splits"] == {"train": [1], "valid": [2], "test": [3]} and d["warm_start"] is True
     assert d["train"] == {"config": str(TrainSettings().config), "extra_args": []}
+
+
+# --- excluded days (rejected by the gate, held by the data checks) --------------------------------
+
+REJECTED = "rejected by the gate (min_auc): AUC 0.4987 (min 0.55)"
+HELD = "held by data checks (max_rows_ratio): rows 150000 are 10.00x the trailing 15000 (max 3.0x)"
+
+
+def test_window_start_moves_back_one_day_per_excluded_day():
+    assert window_start(4, 2, {}) == 2
+    assert window_start(4, 2, {3: REJECTED}) == 1
+    assert window_start(4, 2, {2: REJECTED, 3: HELD}) == 0
+    assert window_start(4, 2, {1: REJECTED, 2: REJECTED, 3: HELD}) == 0       # never before day 0
+    assert window_start(1, 7, {}) == 0
+
+
+def test_an_excluded_day_is_left_out_of_train_and_the_window_reaches_back():
+    # day 3's candidate was rejected; v000001 served day 2; day 4 arrives (window_days 2, valid_days 1)
+    state = RegistryState(current(2), frozenset({1, 2, 3}), excluded={3: REJECTED})
+    p = plan(days(0, 1, 2, 3, 4), state)
+    assert (p.day, p.first, p.days) == (4, 1, (1, 2, 4))
+    assert p.splits == {"train": (1,), "valid": (2,), "test": (4,)}
+    assert p.left_out == (LeftOut(3, REJECTED),) and p.gaps == (3,)
+    assert p.window_text() == f"window 1-4 (train [1], valid [2], test [4]; left out 3 ({REJECTED}))"
+    assert p.to_json()["left_out"] == [{"day": 3, "reason": REJECTED}]
+
+
+def test_an_excluded_day_is_not_the_next_windows_valid_day():
+    # the case of the seven-day scenario: day 4 rejected, day 5 would have validated on it
+    state = RegistryState(current(3), frozenset({1, 2, 3, 4}), excluded={4: REJECTED})
+    p = plan(days(0, 1, 2, 3, 4, 5), state)
+    assert p.splits == {"train": (2,), "valid": (3,), "test": (5,)} and p.first == 2
+    assert [x.day for x in p.left_out] == [4]
+    # and the run after trains on neither
+    state = RegistryState(current(5), frozenset({1, 2, 3, 4, 5}), excluded={4: REJECTED})
+    p = plan(days(*range(7)), state, config(window_days=3))
+    assert p.splits == {"train": (2, 3), "valid": (5,), "test": (6,)} and 4 not in p.days
+
+
+def test_left_out_names_only_the_excluded_days_of_the_span():
+    state = RegistryState(current(4), frozenset({0, 1, 2, 3, 4}), excluded={0: HELD, 3: REJECTED})
+    p = plan(days(*range(6)), state)
+    assert (p.first, p.days, [x.day for x in p.left_out]) == (2, (2, 4, 5), [3])
+
+
+def test_an_excluded_day_counts_as_processed():
+    # a held day has a run record "held"; the exclusion alone is enough
+    state = RegistryState(current(3), frozenset({3}), excluded={4: HELD})
+    assert nothing(days(0, 1, 2, 3, 4), state) == "the newest complete day is 4, already processed (last: day 4)"
+
+
+def test_a_readmitted_day_is_back_in_the_windows_and_its_checks_are_waived():
+    # after --readmit 3: no longer excluded, still processed
+    state = RegistryState(current(4), frozenset({1, 2, 3, 4}), readmitted=frozenset({3}))
+    p = plan(days(0, 1, 2, 3, 4, 5), state)
+    assert p.days == (3, 4, 5) and p.left_out == () and p.hold_on_checks
+    p = plan(days(0, 1, 2, 3, 4, 5), state, day=3, force=True)
+    assert p.day == 3 and not p.hold_on_checks
+    assert p.run_key != plan(days(0, 1, 2, 3, 4, 5), RegistryState(current(4), frozenset({1, 2, 3, 4})), day=3,
+                             force=True).run_key
+
+
+def test_the_trailing_days_are_processed_kept_and_not_excluded():
+    fp = {d: CONTRACT_FP for d in (1, 2, 3, 4)}
+    state = RegistryState(current(5), frozenset({1, 2, 3, 4, 5}), excluded={3: REJECTED},
+                          day_stats={**fp, 5: "contract-b", 0: CONTRACT_FP})
+    p = plan(days(*range(7)), state)
+    assert p.day == 6 and p.trailing == (1, 2, 4)          # 0: no run processed it; 3 excluded; 5 another contract
+    assert plan(days(*range(7)), state, config(checks=CheckSettings(trailing_days=2))).trailing == (2, 4)
+
+
+# --- the data checks (a pure function of the day statistics) --------------------------------------
+
+def stats(day: int, rows: int = 1000, positives: int = 250, rejects: int = 0, missing: float = 0.1,
+          distinct: int = 100) -> DayStats:
+    return DayStats(day=day, rows=rows, positives=positives, rejects=rejects, missing={"C1": missing, "I1": 0.0},
+                    distinct={"C1": distinct, "I1": 20})
+
+
+TRAILING = [stats(2), stats(3)]
+
+
+def failed(c: DataChecks) -> list[tuple[str | None, str | None, str]]:
+    return [(x.bound, x.field, x.detail) for x in c.failed]
+
+
+def test_a_day_like_the_trailing_ones_passes():
+    c = check_day(stats(4, rows=1100, positives=300), TRAILING, CheckSettings())
+    assert not c.held and c.failed == () and c.trailing_days == (2, 3) and c.skipped is None
+    assert [x.check for x in c.checks] == ["rows", "positive_rate", "reject_fraction", "missing_rate",
+                                           "missing_rate", "distinct_ids", "distinct_ids"]
+    assert c.checks[0].detail == "rows 1100 are 1.10x the trailing 1000 (allowed 0.33x-3.0x)"
+
+
+def test_a_tripled_positive_rate_is_held():
+    c = check_day(stats(4, positives=750), TRAILING, CheckSettings())
+    assert c.held
+    assert failed(c) == [("max_positive_rate_ratio", None, "positive rate 0.7500 is 3.00x the trailing 0.2500 "
+                                                          "(max 2.0x)")]
+    assert c.reason == "positive rate 0.7500 is 3.00x the trailing 0.2500 (max 2.0x)"
+    assert c.to_json()["failed"] == ["max_positive_rate_ratio"]
+    assert not check_day(stats(4, positives=750), TRAILING, CheckSettings(max_positive_rate_ratio=3.5)).held
+
+
+def test_ten_times_the_rows_or_a_third_of_them_is_held():
+    c = check_day(stats(4, rows=10_000, positives=2500), TRAILING, CheckSettings())
+    assert failed(c) == [("max_rows_ratio", None, "rows 10000 are 10.00x the trailing 1000 (max 3.0x)")]
+    c = check_day(stats(4, rows=300, positives=75), TRAILING, CheckSettings())
+    assert failed(c) == [("min_rows_ratio", None, "rows 300 are 0.30x the trailing 1000 (min 0.33x)")]
+
+
+def test_the_trailing_value_is_the_median():
+    trailing = [stats(1, rows=900), stats(2, rows=5000, positives=1250), stats(3)]
+    c = check_day(stats(4, rows=2900, positives=725), trailing, CheckSettings())
+    assert not c.held and c.checks[0].detail == "rows 2900 are 2.90x the trailing 1000 (allowed 0.33x-3.0x)"
+    c = check_day(stats(4, rows=3100, positives=775), [stats(2), stats(3, rows=1200, positives=300)], CheckSettings())
+    assert not c.held and c.checks[0].detail == "rows 3100 are 2.82x the trailing 1100 (allowed 0.33x-3.0x)"
+
+
+def test_per_field_missing_ids_and_distinct_ids_are_checked():
+    c = check_day(stats(4, missing=0.35, distinct=350), TRAILING, CheckSettings())
+    assert failed(c) == [("max_missing_rate_increase", "C1", "C1 missing rate 0.3500 is +0.2500 from the trailing "
+                                                             "0.1000 (max +0.2)"),
+                         ("max_distinct_ratio", "C1", "C1 distinct ids 350 are 3.50x the trailing 100 (max 3.0x)")]
+    c = check_day(stats(4, distinct=20), TRAILING, CheckSettings())
+    assert failed(c) == [("min_distinct_ratio", "C1", "C1 distinct ids 20 are 0.20x the trailing 100 (min 0.33x)")]
+    assert not check_day(stats(4, missing=0.25), TRAILING, CheckSettings()).held        # +0.15
+
+
+def test_more_malformed_lines_than_the_trailing_days_is_held():
+    # 60 malformed of 1000 lines: 0.06, against 0.0
+    c = check_day(stats(4, rows=940, positives=235, rejects=60), TRAILING, CheckSettings())
+    assert failed(c) == [("max_reject_fraction_increase", None, "reject fraction 0.0600 is +0.0600 from the "
+                                                                "trailing 0.0000 (max +0.02)")]
+
+
+def test_too_few_trailing_days_means_no_checks():
+    c = check_day(stats(4, positives=900), [stats(3)], CheckSettings())
+    assert not c.held and c.checks == ()
+    assert c.skipped == "1 trailing day(s) with statistics [3] (min 2): no data checks"
+    assert check_day(stats(4, positives=900), [stats(3)], CheckSettings(min_trailing_days=1)).held
+
+
+def test_the_reason_names_the_first_three_failures():
+    c = check_day(stats(4, rows=10_000, positives=9000, rejects=2000, missing=0.9, distinct=1000), TRAILING,
+                  CheckSettings())
+    assert len(c.failed) == 5
+    assert c.reason.count("; ") == 3 and c.reason.endswith("; and 2 more (see the run record)")
+
+
+def test_day_stats_round_trip_through_json():
+    s = stats(4, rejects=3)
+    assert DayStats.from_json(json.loads(json.dumps(s.to_json()))) == s
+    assert s.to_json()["positive_rate"] == 0.25 and s.reject_fraction == 3 / 1003
