@@ -24,6 +24,8 @@ from torchrec.streamable import Pipelineable
 from deepfm.model import FieldSpec
 from pipeline.manifest import Manifest, ManifestError, open_featurized
 
+log = logging.getLogger("deepfm.inputs")
+
 
 class DataError(RuntimeError):
     pass
@@ -171,32 +173,54 @@ def _rebatch(reader, ds: Dataset, batch_size: int, pad_last: bool) -> Iterator[t
 
 
 class Prefetcher:
-    """Runs an iterator of batches in a background thread, ``depth`` batches ahead of the step."""
+    """Runs an iterator of batches in a background thread, ``depth`` batches ahead of the step.
+
+    :meth:`close` stops the thread and joins it; the thread closes the iterator on its way out (in the
+    thread that runs it), so a petastorm reader stops and joins its worker threads too: once close
+    returns, nothing of the stream runs. A thread left running at interpreter exit can be inside a torch
+    op (``to_batch``) that released the GIL: CPython ends such a thread with ``pthread_exit`` when it
+    takes the GIL back, and the unwinding through pybind11's noexcept ``~gil_scoped_release`` calls
+    std::terminate ("terminate called without an active exception", exit 134; pytorch/pytorch#38228).
+    Training that stops mid-epoch (max_steps) with no test to evaluate exited right after closing its
+    train stream, its threads still reading (issue 13, item 16).
+    """
 
     _END = object()
+    JOIN_SECONDS = 60.0         # the thread's current batch (a row group read and decoded) and the reader's join
 
     def __init__(self, it: Iterator[Batch], depth: int):
         self._q: queue.Queue = queue.Queue(maxsize=depth)
         self._err: BaseException | None = None
         self._stop = threading.Event()
         self._done = False
-        self._t = threading.Thread(target=self._run, args=(it,), daemon=True)
+        self._t = threading.Thread(target=self._run, args=(it,), daemon=True, name="deepfm-prefetch")
         self._t.start()
 
     def _run(self, it: Iterator[Batch]) -> None:
         try:
             for b in it:
-                while not self._stop.is_set():
-                    try:
-                        self._q.put(b, timeout=0.5)
-                        break
-                    except queue.Full:
-                        continue
-                if self._stop.is_set():
+                if not self._put(b):
                     return
         except BaseException as e:   # surfaced in the consumer
             self._err = e
-        self._q.put(self._END)
+        finally:
+            close = getattr(it, "close", None)
+            if close is not None:
+                try:
+                    close()         # a generator: its `with reader` block exits here, joining the reader's threads
+                except BaseException as e:
+                    self._err = self._err or e
+        self._put(self._END)
+
+    def _put(self, item: object) -> bool:
+        """Queue ``item`` unless stopped first (then False): never blocked on a full queue after close."""
+        while not self._stop.is_set():
+            try:
+                self._q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
 
     def __iter__(self) -> "Prefetcher":
         return self
@@ -213,7 +237,12 @@ class Prefetcher:
         return item
 
     def close(self) -> None:
+        """Stop the thread and wait for it (and so for the reader it closes), up to JOIN_SECONDS."""
         self._stop.set()
+        self._t.join(self.JOIN_SECONDS)
+        if self._t.is_alive():
+            log.warning("the batch reader thread has not stopped %.0f s after close; a thread still running at exit "
+                        "can abort the process", self.JOIN_SECONDS)
 
 
 def train_batches(ds: Dataset, rank: int, world: int, batch_size: int, seed: int, workers: int,
