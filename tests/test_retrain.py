@@ -587,6 +587,7 @@ def test_a_day_with_ten_times_the_rows_is_held_before_training(sched: Schedule):
     assert sorted(x["day"] for x in excluded(sched["reg"])["excluded"]) == [3, 5]
     r = retrain(sched["conf"])                                    # held counts as processed
     assert r.returncode == 0 and "nothing new" in r.stdout and "already processed (last: day 5)" in r.stdout
+    assert "(current model: v000003; excluded days: [3, 5] (--readmit N lets one in))" in r.stdout
     sched.reached(5)
 
 

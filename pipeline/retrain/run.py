@@ -80,8 +80,9 @@ class Run:
 
     @staticmethod
     def say_nothing(nothing: Nothing, state: RegistryState) -> None:
-        cur = f" (current model: {state.current.name})" if state.current else " (no current model yet)"
-        print(f"retrain: nothing new: {nothing.reason}{cur}")
+        cur = f"current model: {state.current.name}" if state.current else "no current model yet"
+        ex = f"; excluded days: {sorted(state.excluded)} (--readmit N lets one in)" if state.excluded else ""
+        print(f"retrain: nothing new: {nothing.reason} ({cur}{ex})")
 
     def work_dir(self, plan: Plan) -> Path:
         return self.cfg.work_dir / DAYS / f"day_{plan.day}-{plan.run_key}"
