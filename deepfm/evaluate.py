@@ -16,9 +16,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
+from torch.distributed.elastic.multiprocessing.errors import record
+
 from deepfm import inputs, sharded
 from deepfm.cluster import init_cluster, shutdown
 from deepfm.evaluator import Evaluator
+from deepfm.launch import refuse
 from deepfm.trainconf import TrainConfigError
 from pipeline import layout
 
@@ -68,9 +71,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
     return m
 
 
-if __name__ == "__main__":
+@record
+def cli() -> None:
+    """The command: a refusal is one line, said once (under torchrun: its failure summary's root cause), exit 2."""
     try:
         main()
     except (TrainConfigError, inputs.DataError, sharded.CheckpointError) as e:
-        print(f"evaluate: error: {e}", file=sys.stderr)
+        refuse("evaluate", e)
         sys.exit(2)
+
+
+if __name__ == "__main__":
+    cli()

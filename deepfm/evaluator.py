@@ -33,19 +33,21 @@ class Evaluator:
         dummy = inputs.dummy_batch(self.ds, self.cfg.batch_size)
         preds, labels = [], []
         flag = torch.zeros(1, dtype=torch.int32)
-        while True:
-            b = next(it, None)
-            flag.fill_(0 if b is None else 1)
-            dist.all_reduce(flag)                      # every rank steps until all have run out
-            if flag.item() == 0:
-                break
-            batch = (b or dummy).to(c.device)
-            # the model itself, outside the train wrapper's autocast: fp32 whatever the training precision,
-            # so the metrics match deepfm.evaluate's exactly
-            q = predict_proba(self.t.model(batch.kjt)).cpu().numpy()[:batch.valid]
-            preds.append(q)
-            labels.append(batch.labels.cpu().numpy()[:batch.valid])
-        it.close()
+        try:
+            while True:
+                b = next(it, None)
+                flag.fill_(0 if b is None else 1)
+                dist.all_reduce(flag)                      # every rank steps until all have run out
+                if flag.item() == 0:
+                    break
+                batch = (b or dummy).to(c.device)
+                # the model itself, outside the train wrapper's autocast: fp32 whatever the training precision,
+                # so the metrics match deepfm.evaluate's exactly
+                q = predict_proba(self.t.model(batch.kjt)).cpu().numpy()[:batch.valid]
+                preds.append(q)
+                labels.append(batch.labels.cpu().numpy()[:batch.valid])
+        finally:
+            it.close()                                     # its reader thread joined, whatever happened
         self.t.dmp.train()
         local = (np.concatenate(preds) if preds else np.zeros(0, np.float32),
                  np.concatenate(labels) if labels else np.zeros(0, np.float32))

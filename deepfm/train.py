@@ -26,6 +26,7 @@ import contextlib
 import json
 import logging
 import math
+import threading
 import time
 import warnings
 from dataclasses import replace
@@ -53,7 +54,26 @@ def train(a: argparse.Namespace, cfg: TrainConfig, ds: inputs.Dataset, start: St
     try:
         return _train(a, cfg, ds, start, cluster)
     finally:
-        shutdown()
+        shutdown()                      # last: the batch streams have joined their threads by now
+        threads_left()
+
+
+def threads_left(seconds: float = 5.0) -> list[str]:
+    """The daemon threads still running after up to ``seconds`` of waiting for them, named in a warning.
+    Python joins the other threads at exit, not these: one of them inside a torch op when the interpreter
+    finalizes aborts the process (exit 134, deepfm.inputs.Prefetcher says why)."""
+    deadline = time.monotonic() + seconds
+    left = []
+    for t in threading.enumerate():
+        if t is threading.main_thread() or not t.daemon:
+            continue
+        t.join(max(0.0, deadline - time.monotonic()))
+        if t.is_alive():
+            left.append(t.name)
+    if left:
+        log.warning("threads still running at exit: %s; one inside a torch op as the interpreter exits aborts the "
+                    "process ('terminate called without an active exception')", ", ".join(left))
+    return left
 
 
 def _train(a: argparse.Namespace, cfg: TrainConfig, ds: inputs.Dataset, start: Start, cluster: Cluster) -> dict:
@@ -273,6 +293,7 @@ def _progress(cluster: Cluster, total: int, done: int, epoch: int):
     if not cluster.is_main:
         return None
     from tqdm import tqdm
+    tqdm.monitor_interval = 0           # no monitor thread (it is never stopped): no thread of ours outlives the run
     return tqdm(total=total, initial=done, desc=f"epoch {epoch}", unit="step", mininterval=2.0,
                 disable=None if sys.stderr.isatty() else False, file=sys.stderr)
 

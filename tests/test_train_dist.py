@@ -146,6 +146,8 @@ def test_resume_with_another_world_size(featurized: Path, tmp_path: Path):
                   *FAST])
     assert r.returncode == 0, r.stderr[-3000:]
     assert metrics(run)["global_step"] == 12
+    # Issue 13.16: stopped mid-epoch with no test, the train stream's threads were still reading at exit
+    assert "threads still running at exit" not in r.stderr
     r = torchrun(["--data", str(featurized), "--out", str(run), "--epochs", "1", *FAST], nproc=1)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resumed from" in r.stderr
