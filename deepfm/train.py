@@ -38,7 +38,8 @@ import numpy as np
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from deepfm import inputs, launch, sharded
-from deepfm.cluster import Cluster, init_cluster, resolve_bf16, shutdown
+from deepfm.model import PARTS
+from deepfm.cluster import Cluster, dense_step_timer, init_cluster, resolve_bf16, shutdown
 from deepfm.evaluator import Evaluator
 from deepfm.launch import Start
 from deepfm.state import TrainState
@@ -78,7 +79,7 @@ def threads_left(seconds: float = 5.0) -> list[str]:
 
 def _train(a: argparse.Namespace, cfg: TrainConfig, ds: inputs.Dataset, start: Start, cluster: Cluster) -> dict:
     run = Path(a.out)
-    cfg = resolve(cfg, cluster)
+    cfg = resolve(cfg, cluster, ds)
     if cluster.is_main:
         run.mkdir(parents=True, exist_ok=True)
     t = sharded.build(ds.fields, cfg, cluster)
@@ -91,9 +92,13 @@ def _train(a: argparse.Namespace, cfg: TrainConfig, ds: inputs.Dataset, start: S
     return finish(loop, test=not a.no_test)
 
 
-def resolve(cfg: TrainConfig, cluster: Cluster) -> TrainConfig:
-    """The settings that say ``auto`` decided for this device (and, for bf16, agreed by every rank)."""
-    use_bf16, why = resolve_bf16(cfg.bf16, cluster.device)
+def resolve(cfg: TrainConfig, cluster: Cluster, ds: inputs.Dataset) -> TrainConfig:
+    """The settings that say ``auto`` decided for this device (and, for bf16, agreed by every rank): bf16
+    by a measurement of the deep part's step at this batch size, fp32 vs bf16 (a CPU flag is not enough)."""
+    timer = None
+    if PARTS[cfg.model][2] and cfg.bf16 == "auto":
+        timer = dense_step_timer(sum(f.embedding_dim for f in ds.fields), cfg.hidden, cfg.batch_size, cluster.device)
+    use_bf16, why = resolve_bf16(cfg.bf16, cluster.device, timer)
     pipeline, why_pipeline = resolve_train_pipeline(cfg.train_pipeline, cluster.device)
     if cluster.is_main:
         log.info("bf16 autocast %s (%s); steps: %s (%s)", "on" if use_bf16 else "off", why, pipeline, why_pipeline)

@@ -88,7 +88,9 @@ def test_two_ranks_beat_a_constant_predictor(trained: Path, featurized: Path):
     assert m["train"]["examples"] == 2 * steps * 1024 and m["train"]["examples_per_s"] > 0
     assert len(m["history"]) == 2
     native = native_bf16(torch.device("cpu"))[0]         # checked against /proc/cpuinfo in test_model.py
-    assert m["precision"] == ("bf16" if native else "fp32")     # bf16: auto
+    # bf16: auto: fp32 where bf16 is not native; where it is, the faster of the two as measured at the
+    # start (a timing: tests/test_precision.py checks the decision itself)
+    assert m["precision"] in (("bf16", "fp32") if native else ("fp32",))
     assert list((trained / "tensorboard").glob("events.out.tfevents.*"))
 
 
