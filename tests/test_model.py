@@ -15,7 +15,7 @@ from torch.testing import assert_close
 
 from deepfm.cluster import native_bf16, resolve_bf16
 from deepfm.inputs import to_batch
-from deepfm.model import FIRST_ORDER_DIM, DeepFM, DeepFMTrain, FieldSpec, FMInteraction, predict_proba
+from deepfm.model import FIRST_ORDER_DIM, ByteDropout, DeepFM, DeepFMTrain, FieldSpec, FMInteraction, predict_proba
 from deepfm.trainconf import DEFAULT_TRAIN_CONFIG, TrainConfigError, load_train_config
 
 FIELDS = [FieldSpec("a", 10, 4), FieldSpec("b", 20, 4), FieldSpec("c", 5, 4)]
@@ -86,7 +86,7 @@ def test_paper_defaults_and_one_sigmoid():
     m = DeepFM(FIELDS)
     linears = [x for x in m.deep.mlp if isinstance(x, torch.nn.Linear)]
     assert [l.out_features for l in linears] == [400, 400, 400, 1]
-    assert [x.p for x in m.deep.mlp if isinstance(x, torch.nn.Dropout)] == [0.5, 0.5, 0.5]
+    assert [x.p for x in m.deep.mlp if isinstance(x, ByteDropout)] == [0.5, 0.5, 0.5]
     assert_close(predict_proba(torch.tensor([0.0, 2.0])), torch.sigmoid(torch.tensor([0.0, 2.0])))
 
 
