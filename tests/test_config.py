@@ -80,3 +80,12 @@ def test_the_trainer_parser_raises_instead_of_exiting():
         parse_args(["--data", "d", "--out", "o", "--max-steps", "x"])
     with pytest.raises(TrainConfigError, match=r"^max_steps: -5 must be at least 0"):
         parse_args(["--data", "d", "--out", "o", "--max-steps", "-5"])
+
+
+def test_a_duplicated_retrain_gate_block_is_refused(tmp_path: Path):
+    from pipeline import retrain as R
+    from tests.test_retrain import write_conf
+    p = write_conf(tmp_path)
+    p.write_text(p.read_text() + "gate:\n  min_auc: 0.6\n")        # a second gate: block
+    with pytest.raises(R.RetrainConfigError, match=r"retrain\.yaml: gate: given twice in one mapping"):
+        R.load_config(p)
