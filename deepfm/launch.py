@@ -233,6 +233,10 @@ def refuse(prog: str, e: BaseException) -> None:
     error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if error_file:
         if os.environ.get("LOCAL_RANK", "0") != "0":
+            # exit after local rank 0: the agent's root cause is the earliest failure (error files carry
+            # whole seconds; a rank without one is stamped when the agent sees it exit), so a rank that
+            # exits first would be reported instead, with no message (seen in CI)
+            time.sleep(3)
             return
         try:
             with open(error_file, "w") as f:
