@@ -6,6 +6,7 @@ project has had no GPU machine); otherwise the CPU and gloo.
 """
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import time
@@ -130,6 +131,13 @@ def resolve_bf16(setting: bool | str, device: torch.device,
         if ok and not flag.item():
             ok, why = False, f"{why}, but another rank's device does not"
     return ok, f"bf16: auto, {why}"
+
+
+def log_project_info() -> None:
+    """The project's own loggers at INFO, every library's at WARNING (the root logger's level): TorchRec,
+    FBGEMM (which logs its kernel choices on the root logger) and petastorm say what they do at INFO."""
+    for name in ("deepfm", "pipeline", "jobs"):
+        logging.getLogger(name).setLevel(logging.INFO)
 
 
 def shutdown() -> None:

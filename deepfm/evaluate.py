@@ -19,7 +19,7 @@ from typing import Sequence
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from deepfm import inputs, sharded
-from deepfm.cluster import init_cluster, shutdown
+from deepfm.cluster import init_cluster, log_project_info, shutdown
 from deepfm.evaluator import Evaluator
 from deepfm.launch import refuse
 from deepfm.trainconf import TrainConfigError
@@ -52,8 +52,9 @@ def evaluate(run: Path, data: Path, split: str, checkpoint: Path | None = None, 
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    logging.basicConfig(level=logging.INFO, force=True, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(level=logging.WARNING, force=True, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     warnings.filterwarnings("ignore", message=".*autograd kernel was not registered.*")   # fbgemm CPU ops
+    log_project_info()
     p = argparse.ArgumentParser(prog="python -m deepfm.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("--run", "--run-dir", dest="run", required=True, type=Path,
                    help="run folder (under torchrun write --run-dir: torchrun takes --run for its own --run-path)")

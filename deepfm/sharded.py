@@ -19,6 +19,7 @@ import logging
 import os
 import re
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -90,6 +91,14 @@ def build(fields: Sequence[FieldSpec], cfg: TrainConfig, cluster: Cluster) -> Tr
     unknown = [f for f in cfg.sharding if f not in {x.name for x in fields}]
     if unknown:
         raise ValueError(f"sharding.{unknown[0]}: no such field in the data")
+    # The planner logs its proposal search, a 60-line statistics table per rank and two warnings about
+    # its own defaults at INFO/WARNING; the plan it chose is logged by train.py (Trainable.plan_summary).
+    logging.getLogger("torchrec.distributed.planner").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message="HeuristicalStorageReservation", category=FutureWarning,
+                            module=r"torchrec\.distributed\.planner")
+    # DMP's own DDP call uses a deprecated argument; torchrec asks fx whether it is tracing at every input
+    warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
+    logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
     topology = Topology(world_size=cluster.world, compute_device=cluster.device.type,
                         local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", cluster.world)))
     sharders = get_default_sharders()

@@ -39,7 +39,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from deepfm import inputs, launch, sharded
 from deepfm.model import PARTS
-from deepfm.cluster import Cluster, dense_step_timer, init_cluster, resolve_bf16, shutdown
+from deepfm.cluster import Cluster, dense_step_timer, init_cluster, log_project_info, resolve_bf16, shutdown
 from deepfm.evaluator import Evaluator
 from deepfm.launch import Start
 from deepfm.state import TrainState
@@ -316,9 +316,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     metrics.json as it is. Raises one of :data:`REFUSED` before any process group starts when the launch
     cannot go on."""
     rank = os.environ.get("RANK", "0")
-    logging.basicConfig(level=logging.INFO, force=True,
+    logging.basicConfig(level=logging.WARNING, force=True,
                         format=f"%(asctime)s rank{rank} %(name)s %(levelname)s %(message)s")
     warnings.filterwarnings("ignore", message=".*autograd kernel was not registered.*")   # fbgemm CPU ops
+    log_project_info()
     a, cfg = parse_args(argv)
     ds = inputs.open_dataset(a.data)
     run = Path(a.out)

@@ -23,7 +23,7 @@ spark-submit --master "local[2]" --driver-memory 4g \
 
 echo "== 3/4 train: torchrun --nproc_per_node=2 deepfm/train.py -> runs/demo"
 rm -rf runs/demo
-torchrun --standalone --nproc_per_node=2 deepfm/train.py --data "$feat" --out runs/demo \
+OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node=2 deepfm/train.py --data "$feat" --out runs/demo \
   --epochs "${DEMO_EPOCHS:-2}" --batch-size 2048
 
 echo "== 4/4 evaluate: python -m deepfm.evaluate (one process, the checkpoint resharded) on the test day"
