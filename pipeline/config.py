@@ -191,10 +191,10 @@ def each(inner: Check) -> Check:
 
 
 def setting(default: Any = dataclasses.MISSING, check: Check | None = None, *, factory: Any = dataclasses.MISSING,
-            path: bool = False, doc: str = "") -> Any:
-    """A dataclass field with a value check (and ``path=True``: a path resolved against the config file's
-    folder by :func:`build`)."""
-    meta = {"check": check, "path": path, "doc": doc}
+            doc: str = "") -> Any:
+    """A dataclass field with a value check and a one-line description. (A field typed ``Path`` is
+    resolved against the config file's folder by :func:`build`.)"""
+    meta = {"check": check, "doc": doc}
     if factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -209,7 +209,7 @@ def build(cls: type[T], raw: Any, where: str = "", base: Path | None = None, **f
     """``cls(**raw)``, checked: every key of ``raw`` must be a field of ``cls`` (``fixed`` fields are set by
     the caller, not the file); values must have the field's type (nested dataclasses recurse, tuples and
     mappings item by item, ``X | None`` allows null); then each field's ``check`` runs. Relative
-    ``path`` fields resolve against ``base``.
+    ``Path`` fields resolve against ``base``.
 
         build(TrainConfig, {"hidden": 400}) -> ConfigError("hidden: expected a list of integers, got 400 (int)")
     """
@@ -222,7 +222,7 @@ def build(cls: type[T], raw: Any, where: str = "", base: Path | None = None, **f
     for k, v in values.items():
         f = fields[k]
         key = f"{where}.{k}" if where else k
-        x = _typed(hints[k], v, key, base, bool(f.metadata.get("path")))
+        x = _typed(hints[k], v, key, base)
         check = f.metadata.get("check")
         if check is not None and x is not None:
             x = check(x, key)
@@ -230,7 +230,7 @@ def build(cls: type[T], raw: Any, where: str = "", base: Path | None = None, **f
     return cls(**out)
 
 
-def _typed(tp: Any, v: Any, key: str, base: Path | None, is_path: bool) -> Any:
+def _typed(tp: Any, v: Any, key: str, base: Path | None) -> Any:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
         if v is None and type(None) in args:
@@ -239,7 +239,7 @@ def _typed(tp: Any, v: Any, key: str, base: Path | None, is_path: bool) -> Any:
         errors = []
         for a in rest:
             try:
-                return _typed(a, v, key, base, is_path)
+                return _typed(a, v, key, base)
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(errors[0] if len(errors) == 1 else
@@ -255,11 +255,11 @@ def _typed(tp: Any, v: Any, key: str, base: Path | None, is_path: bool) -> Any:
             raise ConfigError(f"{key}: expected {_name(tp)}, got {_show(v)}")
         if args[0] is str:      # command-line arguments: [--min-row-groups, 4] means "4"
             v = [str(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else x for x in v]
-        return tuple(_typed(args[0], x, f"{key}[{i}]", base, is_path) for i, x in enumerate(v))
+        return tuple(_typed(args[0], x, f"{key}[{i}]", base) for i, x in enumerate(v))
     if origin in (collections.abc.Mapping, dict):
         if not isinstance(v, dict):
             raise ConfigError(f"{key}: expected a mapping, got {_show(v)}")
-        return {str(k): _typed(args[1], x, f"{key}.{k}", base, is_path) for k, x in v.items()}
+        return {str(k): _typed(args[1], x, f"{key}.{k}", base) for k, x in v.items()}
     if tp is Path:
         p = Path(string(v, key)).expanduser()
         return (base / p).resolve() if base is not None and not p.is_absolute() else p

@@ -46,7 +46,7 @@ class TrainSettings:
     trainer's loader), passed to deepfm/train.py as its flags."""
 
     nproc: int = C.setting(1, C.at_least(1), doc="torchrun --nproc_per_node")
-    config: Path = C.setting(DEFAULT_TRAIN_CONFIG, path=True, doc="deepfm/train.py --config")
+    config: Path = C.setting(DEFAULT_TRAIN_CONFIG, doc="deepfm/train.py --config")
     extra_args: tuple[str, ...] = C.setting((), doc="more deepfm/train.py flags, e.g. [--model, fm]")
     settings: Mapping[str, Any] = C.setting(factory=dict, doc="set by load_config from the trainer keys of train:")
 
@@ -95,10 +95,10 @@ class Timeouts:
 class RetrainConfig:
     path: Path                                  # the file (set by load_config)
     trainer: TrainConfig                        # what deepfm/train.py will run with (set by load_config)
-    raw_dir: Path = C.setting(path=True)
-    work_dir: Path = C.setting(path=True)
-    registry_dir: Path = C.setting(path=True)
-    contract: Path = C.setting(DEFAULT_CONTRACT, path=True)
+    raw_dir: Path = C.setting()
+    work_dir: Path = C.setting()
+    registry_dir: Path = C.setting()
+    contract: Path = C.setting(DEFAULT_CONTRACT)
     window_days: int = C.setting(7, C.at_least(1), doc="featurize days newest-W .. newest (newest = the test day)")
     valid_days: int = C.setting(1, C.at_least(0), doc="days before the test day used for validation ...")
     min_train_days: int = C.setting(1, C.at_least(1), doc="... when at least this many train days remain, else 0")
