@@ -151,7 +151,29 @@ class DeepArch(nn.Module):
         return self.mlp(v.flatten(1)).squeeze(1)
 
 
-class DeepFM(nn.Module):
+class LogitParts(nn.Module):
+    """The parts after the lookup, which DeepFM and its exported form (deepfm.export) share: ``bias`` (w0),
+    ``fm``, ``deep`` and the flags of the parts in use; :meth:`logits` adds them up."""
+
+    bias: nn.Parameter
+    fm: "FMInteraction"
+    deep: "DeepArch | None"
+    use_first: bool
+    use_fm: bool
+
+    def logits(self, v: torch.Tensor, w4: torch.Tensor) -> torch.Tensor:
+        """The looked-up V [B, F, D] and first-order parts [B, F, 4] -> logit [B] = w0 + first + FM + deep."""
+        logit = self.bias.expand(v.shape[0])
+        if self.use_first:
+            logit = logit + w4.sum((1, 2))
+        if self.use_fm:
+            logit = logit + self.fm(v)
+        if self.deep is not None:
+            logit = logit + self.deep(v)
+        return logit
+
+
+class DeepFM(LogitParts):
     """The whole model: ``forward(kjt) -> logits [B]``; the parts it uses come from ``kind`` (:data:`PARTS`)."""
 
     def __init__(self, fields: Sequence[FieldSpec], kind: str = "deepfm", hidden: Sequence[int] = (400, 400, 400),
@@ -169,17 +191,6 @@ class DeepFM(nn.Module):
 
     def forward(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
         return self.logits(*self.sparse(kjt))
-
-    def logits(self, v: torch.Tensor, w4: torch.Tensor) -> torch.Tensor:
-        """The looked-up V [B, F, D] and first-order parts [B, F, 4] -> logit [B] = w0 + first + FM + deep."""
-        logit = self.bias.expand(v.shape[0])
-        if self.use_first:
-            logit = logit + w4.sum((1, 2))
-        if self.use_fm:
-            logit = logit + self.fm(v)
-        if self.deep is not None:
-            logit = logit + self.deep(v)
-        return logit
 
     def embedding_l2(self, v: torch.Tensor, w4: torch.Tensor) -> torch.Tensor:
         """Per row [B]: the squared L2 norm of the looked-up rows, of the parts the model uses (V for FM

@@ -140,7 +140,7 @@ class Manifest:
 
     # -- JSON ---------------------------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
-        d = _encode(self)
+        d = encode_typed(self)
         d["contract"] = self.contract.to_raw()
         return {"manifest_version": d.pop("version"), **d}
 
@@ -153,7 +153,7 @@ class Manifest:
         body = {k: v for k, v in d.items() if k != "manifest_version"}
         try:
             contract = parse_contract(body.pop("contract"))
-            m = _decode(cls, {**body, "contract": None, "version": version}, where)
+            m = decode_typed(cls, {**body, "contract": None, "version": version}, where)
         except (KeyError, TypeError, ValueError, ContractError) as e:
             raise ManifestError(f"{where}: not a readable manifest: {e}") from None
         m = dataclasses.replace(m, contract=contract)
@@ -211,19 +211,19 @@ def open_featurized(folder: str | Path) -> Manifest:
     return read(folder)
 
 
-# --- dataclass <-> JSON ------------------------------------------------------------------------------
+# --- dataclass <-> JSON (also pipeline.artifact's) ------------------------------------------------
 
-def _encode(x: Any) -> Any:
+def encode_typed(x: Any) -> Any:
     if dataclasses.is_dataclass(x) and not isinstance(x, type):
-        return {f.name: _encode(getattr(x, f.name)) for f in dataclasses.fields(x)}
+        return {f.name: encode_typed(getattr(x, f.name)) for f in dataclasses.fields(x)}
     if isinstance(x, Mapping):
-        return {str(k): _encode(v) for k, v in x.items()}
+        return {str(k): encode_typed(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_encode(v) for v in x]
+        return [encode_typed(v) for v in x]
     return x
 
 
-def _decode(tp: Any, v: Any, where: str) -> Any:
+def decode_typed(tp: Any, v: Any, where: str) -> Any:
     """JSON value ``v`` as type ``tp`` (the dataclasses above, tuples, mappings, unions with None)."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if tp is Any or tp is FeatureContract:
@@ -232,7 +232,7 @@ def _decode(tp: Any, v: Any, where: str) -> Any:
         if v is None and type(None) in args:
             return None
         (inner,) = [a for a in args if a is not type(None)]
-        return _decode(inner, v, where)
+        return decode_typed(inner, v, where)
     if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if not isinstance(v, Mapping):
             raise TypeError(f"{tp.__name__}: expected an object, got {v!r}")
@@ -240,15 +240,15 @@ def _decode(tp: Any, v: Any, where: str) -> Any:
         kwargs = {}
         for f in dataclasses.fields(tp):
             if f.name in v:
-                kwargs[f.name] = _decode(hints[f.name], v[f.name], where)
+                kwargs[f.name] = decode_typed(hints[f.name], v[f.name], where)
             elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 raise KeyError(f"{tp.__name__}.{f.name}")
         return tp(**kwargs)
     if origin is tuple:
-        return tuple(_decode(args[0], x, where) for x in v)
+        return tuple(decode_typed(args[0], x, where) for x in v)
     if origin in (collections.abc.Mapping, dict) or tp is dict:
         kt, vt = args if args else (str, Any)
-        return {k: _decode(vt, x, where) for k, x in v.items()}
+        return {k: decode_typed(vt, x, where) for k, x in v.items()}
     if tp is float:
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise TypeError(f"expected a number, got {v!r}")

@@ -1,0 +1,174 @@
+"""Raw rows -> ids in plain Python and numpy: the featurize job's parse and id rules, for serving.
+
+The Spark job (pipeline.spark) parses a log line with Spark's CSV reader and computes ids with JVM
+expressions; :class:`RowFeaturizer` gives the same ids for rows given as values (a dict per row, as an
+online request holds them) without Spark, and :func:`split_line` turns a raw log line into such a row.
+What "the same" means, rule by rule (tests/test_serving.py checks it against the Spark job):
+
+- empty or absent = missing (id 0), as the CSV reader's ``nullValue`` is "";
+- a continuous value is text that Java's ``Double.parseDouble`` reads (what Spark's CSV parser calls:
+  surrounding characters <= U+0020 trimmed, an optional f/F/d/D suffix, hexadecimal floats) or a Python
+  number; anything else, and NaN or an infinity, is a line the job rejects (``non_numeric``), so here a
+  :class:`ValueError` that names the field;
+- a categorical value is text taken as it is (no trimming), hashed with its field's name
+  (pipeline.ids); text with a NUL or U+FFFD is a line the job rejects (``binary``): a ValueError;
+- rare ids (fields with ``min_count``) become 1 when the featurized data's vocabulary does not hold them.
+
+    >>> f = RowFeaturizer(contract, boundaries={}, vocabulary={})
+    >>> f.ids([{"I1": "5", "C1": "68fd1e64"}])[0, :2]        # fields in contract order
+    array([4, 0])
+
+No pyspark and no torch import (numpy, xxhash and pyyaml only).
+"""
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from pipeline.contract import MISSING_ID, RARE_ID, CategoricalField, ContinuousField, FeatureContract
+from pipeline.ids import categorical_id, log_square_id, quantile_id
+
+# java.lang.Double.parseDouble's grammar (FloatingDecimal.readJavaFormatString), after String.trim():
+# a sign, then NaN / Infinity, a decimal number or a hexadecimal one (its binary exponent required),
+# then an optional type suffix; ASCII digits only. Python's float() differs: it takes "inf", "1_000" and
+# other scripts' digits, and no suffix and no hex.
+_JAVA_DECIMAL = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?[fFdD]?")
+_JAVA_HEX = re.compile(r"([+-]?)0[xX]((?:[0-9a-fA-F]+\.?[0-9a-fA-F]*|\.[0-9a-fA-F]+)[pP][+-]?[0-9]+)[fFdD]?")
+_JAVA_SPECIAL = re.compile(r"[+-]?(?:NaN|Infinity)")
+BINARY_MARKS = ("\x00", "\ufffd")       # what makes the featurize job reject a line as "binary"
+
+
+def java_trim(text: str) -> str:
+    """Java's ``String.trim()``: strips leading and trailing characters <= U+0020 (not only spaces)."""
+    i, j = 0, len(text)
+    while i < j and text[i] <= " ":
+        i += 1
+    while j > i and text[j - 1] <= " ":
+        j -= 1
+    return text[i:j]
+
+
+def parse_double(text: str) -> float | None:
+    """A continuous field's text as Spark's CSV reader reads it: None when empty (missing), else the
+    value ``Double.parseDouble`` gives; :class:`ValueError` when Java would not read it.
+
+        "5" -> 5.0;  " 2.5d " -> 2.5;  "0x1p3" -> 8.0;  "" -> None;  "1_000" -> ValueError;  "NaN" -> nan
+    """
+    if text == "":
+        return None
+    t = java_trim(text)
+    if _JAVA_DECIMAL.fullmatch(t):
+        return float(t[:-1] if t[-1] in "fFdD" else t)
+    m = _JAVA_HEX.fullmatch(t)
+    if m:
+        return float.fromhex(m.group(1) + "0x" + m.group(2))
+    if _JAVA_SPECIAL.fullmatch(t):
+        return float(t.replace("Infinity", "inf"))
+    raise ValueError(f"{text!r} is not a number")
+
+
+def continuous_value(name: str, raw: Any) -> float | None:
+    """A continuous field's value from a request (text as in the logs, or a number): None = missing;
+    :class:`ValueError` naming the field for what the featurize job would reject."""
+    if raw is None:
+        return None
+    if isinstance(raw, bool):
+        raise ValueError(f"{name}: {raw!r} is a boolean, not a number")
+    if isinstance(raw, (int, float)):
+        v = float(raw)
+    elif isinstance(raw, str):
+        try:
+            v = parse_double(raw)
+        except ValueError as e:
+            raise ValueError(f"{name}: {e} (the featurize job rejects such a line: non_numeric)") from None
+        if v is None:
+            return None
+    else:
+        raise ValueError(f"{name}: a {type(raw).__name__} is not a number")
+    if not math.isfinite(v):
+        raise ValueError(f"{name}: {raw!r} is not finite (the featurize job rejects such a line: non_numeric)")
+    return v
+
+
+def categorical_value(name: str, raw: Any) -> str | None:
+    """A categorical field's value from a request: text as it is (an int is written in decimal, as the
+    logs would hold it); None or "" = missing; :class:`ValueError` naming the field otherwise."""
+    if raw is None:
+        return None
+    if isinstance(raw, bool) or not isinstance(raw, (str, int)):
+        raise ValueError(f"{name}: a {type(raw).__name__} is not a categorical value (give the text of the logs)")
+    text = raw if isinstance(raw, str) else str(raw)
+    if any(m in text for m in BINARY_MARKS):
+        raise ValueError(f"{name}: holds a NUL or U+FFFD (the featurize job rejects such a line: binary)")
+    return text or None
+
+
+class RowFeaturizer:
+    """Rows of raw values -> ids ``int64 [B, F]`` (F = the contract's fields, in contract order), by the
+    featurize job's rules (see the module docstring).
+
+    ``boundaries``: the fitted boundaries of the quantile fields (the manifest's); ``vocabulary``: per
+    field with ``min_count`` > 0, the ids kept (sorted or not); ids outside it become :data:`RARE_ID`.
+    """
+
+    def __init__(self, contract: FeatureContract, boundaries: Mapping[str, Sequence[float]],
+                 vocabulary: Mapping[str, np.ndarray]):
+        self.contract = contract
+        self.fields = contract.fields
+        self.boundaries = {k: sorted(set(float(b) for b in v)) for k, v in boundaries.items()}
+        for f in contract.continuous:
+            if f.bucketing == "quantile" and f.name not in self.boundaries:
+                raise ValueError(f"{f.name}: quantile bucketing but no fitted boundaries")
+        self.kept: dict[str, np.ndarray] = {}
+        for f in contract.categorical:
+            if f.min_count > 0:
+                if f.name not in vocabulary:
+                    raise ValueError(f"{f.name}: min_count {f.min_count} but no vocabulary")
+                mask = np.zeros(f.hash_buckets, dtype=bool)
+                mask[np.asarray(vocabulary[f.name], dtype=np.int64)] = True
+                mask[MISSING_ID] = True                    # missing stays missing (pipeline.spark.transforms.map_rare)
+                self.kept[f.name] = mask
+
+    def field_id(self, f: CategoricalField | ContinuousField, raw: Any) -> int:
+        """One value's id (before the rare-id rule)."""
+        if isinstance(f, CategoricalField):
+            return categorical_id(f.name, categorical_value(f.name, raw), f.hash_buckets)
+        v = continuous_value(f.name, raw)
+        if f.bucketing == "log_square":
+            return log_square_id(v, f.num_buckets)
+        return quantile_id(v, self.boundaries[f.name])
+
+    def ids(self, rows: Sequence[Mapping[str, Any]]) -> np.ndarray:
+        """``int64 [len(rows), F]``; :class:`ValueError` naming the row and field of a value the featurize
+        job would reject."""
+        out = np.empty((len(rows), len(self.fields)), dtype=np.int64)
+        for i, row in enumerate(rows):
+            if not isinstance(row, Mapping):
+                raise ValueError(f"row {i}: expected a mapping of field -> value, got a {type(row).__name__}")
+            for j, f in enumerate(self.fields):
+                try:
+                    out[i, j] = self.field_id(f, row.get(f.name))
+                except ValueError as e:
+                    raise ValueError(f"row {i}: {e}") from None
+        for j, f in enumerate(self.fields):
+            mask = self.kept.get(f.name)
+            if mask is not None:
+                col = out[:, j]
+                out[:, j] = np.where(mask[col], col, RARE_ID)
+        return out
+
+
+def split_line(line: str, contract: FeatureContract) -> dict[str, str]:
+    """A raw log line (no line terminator) -> column -> text, as the contract's ``source`` lays it out;
+    :class:`ValueError` when the column count differs (the featurize job's ``column_count``).
+
+        "1\\t5\\t\\t68fd1e64..." (criteo) -> {"label": "1", "I1": "5", "I2": "", ..., "C1": "68fd1e64", ...}
+    """
+    cols = contract.source.columns
+    parts = line.split(contract.source.delimiter)
+    if len(parts) != len(cols):
+        raise ValueError(f"{len(parts)} columns, the contract's source.columns has {len(cols)}")
+    return dict(zip(cols, parts))
