@@ -50,3 +50,49 @@ def featurized(spark, raw_logs, tmp_path_factory) -> Path:
     featurize.main(["--input", str(raw_logs), "--output", str(out), "--config", SMALL,
                     "--neg-sample-rate", "0.5"])
     return out
+
+
+# --- a model to use: featurized with negative sampling 0.25, trained on 2 gloo ranks, exported -------------
+# Shared by the export, scoring and serving tests (tests/test_export.py, test_score*.py, test_serve.py).
+SERVED_SETTINGS = ["--neg-sample-rate", "0.25", "--set", "categorical.defaults.min_count=2",
+                   "--set", "continuous.fields.I2.bucketing=quantile"]
+SERVED_TRAIN = ["--epochs", "2", "--batch-size", "512", "--hidden", "64,64", "--dropout", "0.1",
+                "--checkpoint-every-steps", "10"]
+
+
+def run_torchrun(script: str, args: list[str], nproc: int = 2, timeout: int = 600):
+    """``torchrun --standalone --nproc_per_node=N ROOT/script args`` as a user runs it."""
+    import subprocess
+    cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", f"--nproc_per_node={nproc}",
+           str(ROOT / script), *args]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def featurized_sampled(spark, raw_logs, tmp_path_factory) -> Path:
+    """The shared logs featurized with negative sampling 0.25 (valid and test unsampled), a vocabulary
+    (min_count 2 on every categorical field) and one quantile field (I2)."""
+    from jobs import featurize
+    out = tmp_path_factory.mktemp("feat_sampled") / "out"
+    featurize.main(["--input", str(raw_logs), "--output", str(out), "--config", SMALL, *SERVED_SETTINGS])
+    return out
+
+
+@pytest.fixture(scope="session")
+def trained_sampled(featurized_sampled, tmp_path_factory) -> Path:
+    """DeepFM trained on :func:`featurized_sampled` by torchrun with 2 gloo ranks (its run folder)."""
+    run = tmp_path_factory.mktemp("run_sampled") / "deepfm"
+    r = run_torchrun("deepfm/train.py", ["--data", str(featurized_sampled), "--out", str(run), *SERVED_TRAIN])
+    assert r.returncode == 0, r.stderr[-4000:]
+    return run
+
+
+@pytest.fixture(scope="session")
+def exported(trained_sampled, tmp_path_factory) -> Path:
+    """:func:`trained_sampled` exported by ``python -m deepfm.export`` (a model.pt2; do not modify it)."""
+    import subprocess
+    out = tmp_path_factory.mktemp("model") / "model.pt2"
+    r = subprocess.run([sys.executable, "-m", "deepfm.export", "--run", str(trained_sampled), "--out", str(out)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    return out
