@@ -108,6 +108,24 @@ def record_of(out: str) -> dict:
     return json.loads(Path(line.split("retrain: run record ", 1)[1]).read_text())
 
 
+def assert_serves(version: Path) -> str:
+    """The version's model.pt2 is a file of its own that loads (its golden set checked), made from the
+    version's featurized data, with the fingerprint its lineage records; that fingerprint."""
+    from deepfm.serving import Predictor
+    from pipeline.manifest import open_featurized
+    lin = json.loads((version / "lineage.json").read_text())
+    model = version / "model.pt2"
+    assert model.is_file() and not model.is_symlink()
+    p = Predictor.load(model)
+    fp = p.card.feature_fingerprint
+    assert fp == open_featurized(Path(lin["featurized"])).feature_fingerprint == lin["feature_fingerprint"]
+    assert fp == json.loads((version / "manifest.json").read_text())["feature_fingerprint"]
+    assert p.fingerprint == lin["model_fingerprint"] and len(p.fingerprint) == 16
+    assert Path(p.card.checkpoint) == Path(lin["checkpoint_source"]).resolve()
+    assert p.card.global_step == lin["global_step"]
+    return p.fingerprint
+
+
 # --- fast: config, selection, gate, registry, lock, deploy files ---------------------------------
 
 def test_config_paths_resolve_against_the_file_and_defaults_apply(tmp_path: Path):
@@ -246,6 +264,38 @@ def test_registry_pointer_and_pruning(tmp_path: Path):
     assert reg.find_by_run_key("k3").name == "v000003"
 
 
+def test_a_version_holds_a_copy_of_its_exported_model_and_is_pruned_with_it(tmp_path: Path):
+    work, reg_dir = tmp_path / "work", tmp_path / "registry"
+    (work / "ckpt").mkdir(parents=True)
+    (work / "ckpt" / "COMPLETE").write_text("")
+    (work / "featurized").mkdir()
+    (work / "featurized" / "manifest.json").write_text("{}")
+    no_vocab = type("M", (), {"vocab": None})()
+    reg = R.Registry(reg_dir)
+    with pytest.raises(R.RegistryError, match="no exported model to publish"):
+        reg.publish("k1", work / "ckpt", work / "model.pt2", work / "featurized", no_vocab, {}, {})
+    assert reg.versions() == [] and reg.current_name() is None
+    names = []
+    for n in range(1, 4):
+        (work / "model.pt2").write_bytes(b"model %d" % n)
+        v = reg.publish(f"k{n}", work / "ckpt", work / "model.pt2", work / "featurized", no_vocab, {},
+                        {"model_fingerprint": f"fp{n}"})
+        names.append(v.name)
+        assert reg.current_name() == v.name and v.model.read_bytes() == b"model %d" % n
+        assert not v.model.is_symlink() and v.model_fingerprint == f"fp{n}" and v.label == f"{v.name} (model fp{n})"
+    (work / "model.pt2").unlink()                   # a copy: the work folder's file may go
+    assert reg.version(names[-1]).model.read_bytes() == b"model 3"
+    assert reg.prune(1) == names[:2] and not (reg_dir / names[0]).exists() and reg.versions() == names[2:]
+    # a version published under the same key before versions held a model gets it before current moves
+    (reg_dir / "v000009").mkdir()
+    (reg_dir / "v000009" / "lineage.json").write_text(json.dumps({"run_key": "old"}))
+    (work / "model.pt2").write_bytes(b"late")
+    v = reg.publish("old", work / "ckpt", work / "model.pt2", work / "featurized", no_vocab, {},
+                    {"model_fingerprint": "fp9"})
+    assert v.name == reg.current_name() == "v000009" and v.model.read_bytes() == b"late"
+    assert v.model_fingerprint == "fp9"
+
+
 def test_excluded_days_are_kept_in_the_registry_with_their_history(tmp_path: Path):
     reg = R.Registry(tmp_path)
     assert reg.excluded() == {} and reg.state([1]).excluded == {}
@@ -317,6 +367,8 @@ def test_dry_run_prints_the_plan_and_changes_nothing(tmp_path: Path):
     assert "would process day 1: window 0-1 (train [0], valid [], test [1]); cold start: first run" in r.stdout
     assert "jobs/featurize.py" in r.stdout and "--days 0-1" in r.stdout and "deepfm/train.py" in r.stdout
     assert "--allow-day-gaps" not in r.stdout and "2. data checks of day 1 no trailing days yet" in r.stdout
+    assert "6. if it passes: export it: " in r.stdout and " -m deepfm.export --run " in r.stdout
+    assert "(its checkpoint and model.pt2), then " in r.stdout
     assert not (tmp_path / "registry").exists() and not (tmp_path / "work").exists()
 
 
@@ -434,6 +486,8 @@ def test_first_run_trains_from_scratch_and_promotes(sched: Schedule):
     assert "promoted v000001" in r.stdout
     assert current(sched["reg"]) == "v000001"
     v1 = sched["reg"] / "v000001"
+    fp = assert_serves(sched["reg"] / "current")
+    assert f"promoted v000001 (model {fp}; cold start; test AUC" in r.stdout
     lin = json.loads((v1 / "lineage.json").read_text())
     assert lin["parent"] is None and lin["warm_start"] is False and lin["day"] == 1 and lin["days_trained"] == [0]
     assert (v1 / "checkpoint" / "COMPLETE").exists() and (v1 / "features" / "_SUCCESS").exists()
@@ -444,6 +498,10 @@ def test_first_run_trains_from_scratch_and_promotes(sched: Schedule):
     assert rec["steps"]["evaluate_current"]["status"] == "skipped"
     assert all(c["passed"] for c in rec["gate"]["checks"])
     assert rec["steps"]["featurize"]["status"] == "reused" and rec["steps"]["train"]["status"] == "reused"
+    assert rec["steps"]["export"]["status"] == "done" and rec["model_fingerprint"] == fp
+    assert Path(rec["steps"]["export"]["log"]) == sched["work"] / "runs" / rec["run_id"] / "export.log"
+    assert f"-m deepfm.export --run {lin['run_dir']} --checkpoint {lin['checkpoint_source']}" in rec["steps"][
+        "export"]["command"]
     assert rec["data_checks"]["skipped"].startswith("0 trailing day(s)") and not rec["data_checks"]["held"]
     kept = json.loads((sched["work"] / "stats" / "day_1.json").read_text())
     assert kept["rows"] == ROWS and kept["day"] == 1 and set(kept["missing"]) == set(kept["distinct"])
@@ -555,14 +613,38 @@ def test_a_day_with_shuffled_labels_is_rejected_and_excluded(sched: Schedule):
 def test_the_next_good_day_trains_without_the_rejected_one_and_promotes(sched: Schedule):
     sched.at(3)
     add_day(sched["raw"], 4)
+    # the candidate passes the gate but its export fails (it cannot finish in 1 s): the run fails at that
+    # step and nothing is published
+    slow = sched["base"] / "export_timeout.yaml"
+    conf = yaml.safe_load(sched["conf"].read_text())
+    slow.write_text(yaml.safe_dump({**conf, "timeouts": {"export": 1}}))
+    r = retrain(slow)
+    assert r.returncode == R.EXIT_FAILED, r.stdout + r.stderr
+    assert "retrain: error: step 'export' failed: timed out after 1 s (timeouts.export)" in r.stderr
+    assert "window 1-4 (train [1, 2], valid [], test [4]; left out 3 (rejected by the gate (min_auc): AUC" in r.stdout
+    failed = json.loads(next((sched["work"] / "runs").glob("*-day4.json")).read_text())
+    assert failed["status"] == "failed" and failed["failed_step"] == "export" and failed["gate"]["passed"]
+    assert failed["steps"]["export"]["status"] == "running" and "publish" not in failed["steps"]
+    assert Path(failed["steps"]["export"]["log"]).is_file()
+    assert [x["day"] for x in failed["left_out"]] == [3] and failed["left_out"][0]["reason"].startswith(
+        "rejected by the gate (min_auc): AUC 0.4")
+    assert failed["steps"]["featurize"]["linked"] == ["day_1", "day_2", "day_4"]
+    assert "--allow-day-gaps" in failed["steps"]["featurize"]["command"]
+    assert current(sched["reg"]) == "v000002" and sorted(x.name for x in sched["reg"].glob("*v0*")) == [
+        "v000001", "v000002"]
+    # the rerun of the same plan reuses the finished steps and exports, then publishes
     r = retrain(sched["conf"])
     assert r.returncode == 0 and "promoted v000003" in r.stdout, r.stdout + r.stderr
-    assert "window 1-4 (train [1, 2], valid [], test [4]; left out 3 (rejected by the gate (min_auc): AUC" in r.stdout
     rec = record_of(r.stdout)
-    assert [x["day"] for x in rec["left_out"]] == [3] and rec["left_out"][0]["reason"].startswith(
-        "rejected by the gate (min_auc): AUC 0.4")
-    assert rec["steps"]["featurize"]["linked"] == ["day_1", "day_2", "day_4"]
-    assert "--allow-day-gaps" in rec["steps"]["featurize"]["command"]
+    assert rec["run_key"] == failed["run_key"] and rec["resumed_work_dir"] is True
+    assert [rec["steps"][s]["status"] for s in ("featurize", "train", "evaluate_current", "export", "publish")] == [
+        "reused", "reused", "reused", "done", "done"]
+    fp = assert_serves(sched["reg"] / "current")
+    assert current(sched["reg"]) == "v000003" and rec["model_fingerprint"] == fp
+    assert f"promoted v000003 (model {fp}; warm start from v000002;" in r.stdout
+    # keep_versions 2: v000001 is pruned, its whole folder (model.pt2 with it); v000002 keeps its own
+    assert rec["pruned_versions"] == ["v000001"] and not (sched["reg"] / "v000001").exists()
+    assert_serves(sched["reg"] / "v000002")
     lin = json.loads((sched["reg"] / "v000003" / "lineage.json").read_text())
     assert lin["days_trained"] == [1, 2] and lin["valid_days"] == [] and lin["test_days"] == [4]
     assert lin["window"] == [1, 4] and lin["warm_started_from"] == "v000002"
@@ -587,7 +669,8 @@ def test_a_day_with_ten_times_the_rows_is_held_before_training(sched: Schedule):
     assert sorted(x["day"] for x in excluded(sched["reg"])["excluded"]) == [3, 5]
     r = retrain(sched["conf"])                                    # held counts as processed
     assert r.returncode == 0 and "nothing new" in r.stdout and "already processed (last: day 5)" in r.stdout
-    assert "(current model: v000003; excluded days: [3, 5] (--readmit N lets one in))" in r.stdout
+    fp = json.loads((sched["reg"] / "v000003" / "lineage.json").read_text())["model_fingerprint"]
+    assert f"(current model: v000003 (model {fp}); excluded days: [3, 5] (--readmit N lets one in))" in r.stdout
     sched.reached(5)
 
 

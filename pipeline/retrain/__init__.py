@@ -8,7 +8,9 @@ last ``window_days`` days up to it (spark-submit jobs/featurize.py), the newest 
 test day, reusing the current model's boundaries and vocabulary (``--reuse``) so that ids mean the
 same; train a candidate (torchrun deepfm/train.py), warm-started from the current model; evaluate the
 current model on the same held-out day (python -m deepfm.evaluate); promote the candidate into the
-registry only when it passes the gate; write a run record. Before training, the new day's data is
+registry only when it passes the gate, exported first (python -m deepfm.export: each version holds its
+model.pt2 beside its checkpoint, so ``registry/current`` always names a model that can serve); write a
+run record. Before training, the new day's data is
 checked against the trailing days (rows, positive rate, malformed lines, per field missing ids and
 distinct ids): a day outside the bounds is held, not trained on. A held day, and a day whose candidate
 the gate judged unlearnable, stay out of later windows until ``--readmit N``.

@@ -89,6 +89,7 @@ class Timeouts:
     featurize: int = C.setting(6 * 3600, C.at_least(1))
     train: int = C.setting(48 * 3600, C.at_least(1))
     evaluate: int = C.setting(4 * 3600, C.at_least(1))
+    export: int = C.setting(3600, C.at_least(1), doc="python -m deepfm.export of a promoted candidate")
 
 
 @dataclass(frozen=True)

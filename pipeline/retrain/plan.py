@@ -3,7 +3,10 @@
 :func:`make_plan` takes the raw days (:class:`~pipeline.retrain.days.DayScan`), what the registry says
 (:class:`~pipeline.retrain.registry.RegistryState`), the settings and the contract's fingerprint, and
 returns a :class:`Plan` or :class:`Nothing` (with the reason) - no printing, no file system, no clock.
-:mod:`pipeline.retrain.run` gathers the inputs and carries the plan out.
+:mod:`pipeline.retrain.run` gathers the inputs and carries the plan out. The plan decides what varies
+from run to run (the day, the window, warm or cold); the steps are always the same, and exporting a
+promoted candidate (python -m deepfm.export) is part of publishing it, not a decision: the plan has no
+step for it, and its key does not change with it.
 
     scan = DayScan(complete=(0, 1, 2), incomplete={})
     make_plan(scan, RegistryState(), cfg, "fp")        # window_days 7, valid_days 1

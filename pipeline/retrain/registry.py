@@ -1,15 +1,19 @@
 """The model registry and the run lock.
 
     registry/
-      v000001/  v000002/   checkpoint/, features/ (what featurize --reuse needs), manifest.json,
-                           metrics.json, train_metrics.json, lineage.json
+      v000001/  v000002/   checkpoint/, model.pt2 (the exported model, what serving loads), features/
+                           (what featurize --reuse needs), manifest.json, metrics.json,
+                           train_metrics.json, lineage.json (with the model's fingerprint)
       current -> v000002   a symlink, replaced atomically
       excluded.json        the days left out of later windows (rejected by the gate, held by the data
                            checks), why, and the history of exclusions and re-admissions
       .lock                flock of the running retrain
 
-A version folder is written as ``.vNNNNNN.tmp-<pid>`` and renamed when complete; ``current`` is switched
-only after that. :meth:`Registry.state` is what the retrain plan reads of it.
+A version folder is written as ``.vNNNNNN.tmp-<pid>`` and renamed when complete - its model.pt2
+included, so ``current`` never names a version that cannot serve; ``current`` is switched only after
+that. A version holds copies, not links, of the run's checkpoint and exported model (the work folder
+they came from is pruned on its own schedule); pruning a version deletes its folder, model.pt2 with it.
+:meth:`Registry.state` is what the retrain plan reads of it.
 """
 from __future__ import annotations
 
@@ -33,6 +37,7 @@ LINEAGE = "lineage.json"
 METRICS = "metrics.json"                # a version's test metrics, the current model's on the same rows, the gate
 TRAIN_METRICS = "train_metrics.json"    # the trainer's own metrics.json of the run
 CHECKPOINT = "checkpoint"               # a version's model: a copy of the run's latest complete checkpoint
+MODEL = "model.pt2"                     # the same weights exported (python -m deepfm.export): what serves
 FEATURES = "features"                   # a version's manifest (+ vocabulary) and _SUCCESS, for --reuse
 EXCLUDED = "excluded.json"              # the excluded days and the history of exclusions and re-admissions
 VERSION_RE = re.compile(r"^v(\d{6})$")
@@ -61,6 +66,23 @@ class Version:
     @property
     def features(self) -> Path:
         return self.path / FEATURES
+
+    @property
+    def model(self) -> Path:
+        return self.path / MODEL
+
+    @property
+    def model_fingerprint(self) -> str | None:
+        """The exported model's fingerprint (its card's, recorded in the lineage at publishing); None for a
+        version published before versions held an exported model."""
+        fp = self.lineage.get("model_fingerprint")
+        return fp if isinstance(fp, str) else None
+
+    @property
+    def label(self) -> str:
+        """The name and the exported model's fingerprint, as the run's output shows a version."""
+        fp = self.model_fingerprint
+        return f"{self.name} (model {fp})" if fp else f"{self.name} (no exported model)"
 
 
 @dataclass(frozen=True)
@@ -249,18 +271,32 @@ class Registry:
                 return v
         return None
 
-    def publish(self, run_key: str, checkpoint: Path, featurized: Path, manifest: M.Manifest,
+    def publish(self, run_key: str, checkpoint: Path, model: Path, featurized: Path, manifest: M.Manifest,
                 documents: Mapping[str, Any], lineage: Mapping[str, Any]) -> Version:
-        """Copy a model into a new version folder (complete before it gets its name), then switch
-        ``current`` to it. ``documents`` are JSON files of the version (name -> content); the lineage gets
-        the version's name and ``run_key``, by which a rerun after a kill between the two finds it."""
+        """Copy a model (its checkpoint and its export ``model``, already made) into a new version folder
+        (complete before it gets its name), then switch ``current`` to it. ``documents`` are JSON files of
+        the version (name -> content); the lineage gets the version's name and ``run_key``, by which a
+        rerun after a kill between the two finds it."""
+        if not model.is_file():
+            raise RegistryError(f"{model}: no exported model to publish")
         existing = self.find_by_run_key(run_key)
+        if existing is not None and not existing.model.is_file():
+            # published under this key by a version of this code that did not export: add it (atomically)
+            # before current may point at it
+            tmp_model = existing.path / f".{MODEL}.tmp-{os.getpid()}"
+            shutil.copy2(model, tmp_model)
+            os.replace(tmp_model, existing.model)
+            write_json(existing.path / LINEAGE,
+                       {**existing.lineage, "model_fingerprint": lineage.get("model_fingerprint")})
+            fsync_dir(existing.path)
+            existing = self.version(existing.name)
         if existing is None:
             name = self.next_name()
             tmp = self.root / f".{name}.tmp-{os.getpid()}"
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
             shutil.copytree(checkpoint, tmp / CHECKPOINT)
+            shutil.copy2(model, tmp / MODEL)
             (tmp / FEATURES).mkdir()
             shutil.copy2(featurized / layout.MANIFEST, tmp / FEATURES / layout.MANIFEST)
             if manifest.vocab is not None:
@@ -292,7 +328,8 @@ class Registry:
         return gone
 
     def prune(self, keep: int) -> list[str]:
-        """Delete all but the newest ``keep`` versions; never the current one."""
+        """Delete all but the newest ``keep`` versions (each whole folder: its checkpoint, model.pt2 and
+        documents); never the current one."""
         cur = self.current_name()
         names = self.versions()
         keep_set = set(names[-keep:]) | ({cur} if cur else set())

@@ -3,12 +3,19 @@
 Acting on a plan: featurize the window (spark-submit jobs/featurize.py, reading a folder of links to
 the window's day files, so excluded days are left out), check the new day's data against the trailing
 days (a day outside the bounds is held: not trained on), train a candidate (torchrun deepfm/train.py),
-evaluate the current model on the same held-out day (python -m deepfm.evaluate), gate, publish, prune,
-and record every step. A day the gate judges (see :func:`~pipeline.retrain.gate.day_failures`) or the
-data checks hold is excluded from later windows until ``--readmit N``. A first candidate the gate
-rejects leaves no model to serve: the run fails (exit 1) and the day stays unprocessed. Every finished
-step of a plan is reused by a rerun of the same plan (the work folder is named after the plan's key).
-This module does the printing.
+evaluate the current model on the same held-out day (python -m deepfm.evaluate), gate, export a
+candidate that passed (python -m deepfm.export of the checkpoint its version gets, into the work
+folder's model.pt2; its card read torch-free, its feature fingerprint checked against the data's),
+publish (the version holds copies of the checkpoint and model.pt2, the model's fingerprint in its
+lineage; ``current`` switches only then), prune, and record every step. The export is part of
+publishing, not a decision of the plan: every promoted candidate is exported, so the plan (and its key)
+does not change; it is a step of its own in the run record ("export", with its log), and a failed
+export fails the run before anything is published: ``current`` stays where it was. A day the gate
+judges (see :func:`~pipeline.retrain.gate.day_failures`) or the data checks hold is excluded from later
+windows until ``--readmit N``. A first candidate the gate rejects leaves no model to serve: the run
+fails (exit 1) and the day stays unprocessed. Every finished step of a plan is reused by a rerun of the
+same plan (the work folder is named after the plan's key; the export's model.pt2 too). This module does
+the printing.
 """
 from __future__ import annotations
 
@@ -20,6 +27,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from pipeline import artifact as A
 from pipeline import layout
 from pipeline import manifest as M
 from pipeline.contract import ContractError, load_contract
@@ -37,7 +45,7 @@ from pipeline.retrain.registry import (CURRENT, LOCK, METRICS, TRAIN_METRICS, Ex
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_LOCKED = 0, 1, 2, 3
 
 # the work folder: runs/ (the run records), stats/day_<N>.json (the kept statistics of processed days),
-# days/day_<N>-<plan key>/{plan.json, input/, featurized/, train/, train.done, eval_current.json}
+# days/day_<N>-<plan key>/{plan.json, input/, featurized/, train/, train.done, eval_current.json, model.pt2}
 RUNS = "runs"
 STATS = "stats"
 DAYS = "days"
@@ -47,6 +55,7 @@ FEATURIZED = "featurized"
 TRAIN_RUN = "train"
 TRAIN_DONE = "train.done"
 EVAL_CURRENT = "eval_current.json"
+MODEL_FILE = "model.pt2"        # the exported candidate (written atomically by deepfm.export), then copied
 
 
 class Run:
@@ -78,9 +87,17 @@ class Run:
         except PlanError as e:
             raise StepError("find_days", str(e)) from None
 
-    @staticmethod
-    def say_nothing(nothing: Nothing, state: RegistryState) -> None:
-        cur = f"current model: {state.current.name}" if state.current else "no current model yet"
+    def label(self, name: str | None) -> str:
+        """A version as the output shows it: its name and its exported model's fingerprint."""
+        if name is None:
+            return "none"
+        try:
+            return self.registry.version(name).label
+        except RegistryError:
+            return name
+
+    def say_nothing(self, nothing: Nothing, state: RegistryState) -> None:
+        cur = f"current model: {self.label(state.current.name)}" if state.current else "no current model yet"
         ex = f"; excluded days: {sorted(state.excluded)} (--readmit N lets one in)" if state.excluded else ""
         print(f"retrain: nothing new: {nothing.reason} ({cur}{ex})")
 
@@ -116,6 +133,12 @@ class Run:
         return [sys.executable, "-m", "deepfm.evaluate", "--run", str(version.path), "--checkpoint",
                 str(version.checkpoint), "--data", str(data), "--split", "test", "--json", str(out)]
 
+    @staticmethod
+    def export_cmd(run_dir: Path, ckpt: Path | str, data: Path, out: Path) -> list[str]:
+        """The export of the checkpoint the version gets (not ``best``: the same weights as its checkpoint/)."""
+        return [sys.executable, "-m", "deepfm.export", "--run", str(run_dir), "--checkpoint", str(ckpt),
+                "--data", str(data), "--out", str(out)]
+
     # -- the dry run --------------------------------------------------------------------------------
     def dry_run(self) -> int:
         """Print what a run would do now; change nothing (no lock, no folders)."""
@@ -149,7 +172,10 @@ class Run:
         else:
             print("  4. no current model to compare with")
         print(f"  5. gate: {describe_gate(self.cfg.gate, plan.parent is not None)}")
-        print(f"  6. if it passes: {self.cfg.registry_dir / self.registry.next_name()}, then "
+        name = self.registry.next_name()
+        export = self.export_cmd(run_dir, "<its latest checkpoint>", feat, day_dir / MODEL_FILE)
+        print(f"  6. if it passes: export it: {quote(export)}; then {self.cfg.registry_dir / name} (its checkpoint "
+              f"and {MODEL_FILE}), then "
               f"{self.cfg.registry_dir / CURRENT} -> it; keep the last {self.cfg.keep_versions} version(s)")
 
     # -- the scheduled run --------------------------------------------------------------------------
@@ -267,8 +293,10 @@ class Run:
             return self._no_model(plan, day_dir, checks)
         version = None
         if passed:
+            model, card = self._export(day_dir, feat, manifest, run_dir, ckpt)
             self._begin("publish")
-            version = self._publish(plan, feat, manifest, run_dir, ckpt, train_metrics, checks, warm_from)
+            version = self._publish(plan, feat, manifest, run_dir, ckpt, model, card, train_metrics, checks,
+                                    warm_from)
             self.record.step("publish", status="done", version=version.name)
             if plan.day in self.registry.excluded():         # a forced redo of an excluded day that passed
                 self.registry.readmit(plan.day, self.record.run_id, by=f"run {self.record.run_id} (promoted)")
@@ -415,8 +443,34 @@ class Run:
         self.record.step("evaluate_current", finished=now())
         return metrics
 
-    def _publish(self, plan: Plan, feat: Path, manifest: M.Manifest, run_dir: Path, ckpt: Path, train_metrics: dict,
-                 checks: list[dict], warm_from: str | None) -> Version:
+    def _export(self, day_dir: Path, feat: Path, manifest: M.Manifest, run_dir: Path,
+                ckpt: Path) -> tuple[Path, A.ModelCard]:
+        """The candidate exported (python -m deepfm.export of ``ckpt``, the checkpoint its version gets) to
+        the work folder's model.pt2, and its card (read torch-free). An export of the same checkpoint
+        already there is reused (deepfm.export renames the file into place only when it is complete and
+        its golden set checked). Its feature fingerprint must be the featurized data's."""
+        self._begin("export")
+        out = day_dir / MODEL_FILE
+        card = _card_if_exported(out, ckpt)
+        if card is not None:
+            self.record.step("export", status="reused", output=str(out))
+        else:
+            secs = self._child("export", self.export_cmd(run_dir, ckpt, feat, out), "export",
+                               ["export: error:", "Error:"])
+            self.record.step("export", status="done", seconds=secs, output=str(out))
+            try:
+                card = A.read_card(out)
+            except A.ArtifactError as e:
+                raise StepError("export", str(e)) from None
+        if card.feature_fingerprint != manifest.feature_fingerprint:
+            raise StepError("export", f"{out}: made for features {card.feature_fingerprint}, the candidate's data "
+                                      f"{feat} has {manifest.feature_fingerprint}")
+        self.record.update(model_fingerprint=card.model_fingerprint)
+        self.record.step("export", model_fingerprint=card.model_fingerprint, finished=now())
+        return out, card
+
+    def _publish(self, plan: Plan, feat: Path, manifest: M.Manifest, run_dir: Path, ckpt: Path, model: Path,
+                 card: A.ModelCard, train_metrics: dict, checks: list[dict], warm_from: str | None) -> Version:
         r = self.record.data
         s = plan.splits
         lineage = {
@@ -427,12 +481,12 @@ class Run:
             "warm_start": warm_from is not None, "warm_started_from": plan.parent if warm_from else None,
             "cold_start_reason": None if warm_from else r.get("cold_start_reason"),
             "feature_fingerprint": manifest.feature_fingerprint, "contract_fingerprint": manifest.contract_fingerprint,
-            "contract": plan.contract, "train": plan.train,
+            "contract": plan.contract, "train": plan.train, "model_fingerprint": card.model_fingerprint,
         }
         documents = {TRAIN_METRICS: train_metrics,
                      METRICS: {"test": r["candidate_metrics"], "current_on_same_rows": r["current_metrics"],
                               "gate": checks, "test_day": plan.day}}
-        return self.registry.publish(plan.run_key, ckpt, feat, manifest, documents, lineage)
+        return self.registry.publish(plan.run_key, ckpt, model, feat, manifest, documents, lineage)
 
     def _finish(self, plan: Plan, day_dir: Path, version: Version | None, warm_from: str | None,
                 checks: list[dict]) -> None:
@@ -443,8 +497,8 @@ class Run:
         if version is not None:
             self.record.finish(status="promoted", decision="promoted", version=version.name, reason=None)
             vs = f" vs current {fmt(current.get('auc'))}" if current else ""
-            msg = (f"retrain: day {plan.day}: promoted {version.name} "
-                   f"({f'warm start from {plan.parent}' if warm_from else 'cold start'}; test AUC "
+            msg = (f"retrain: day {plan.day}: promoted {version.name} (model {version.model_fingerprint}; "
+                   f"{f'warm start from {plan.parent}' if warm_from else 'cold start'}; test AUC "
                    f"{fmt(candidate.get('auc'))}{vs}, logloss {fmt(candidate.get('logloss'))}, "
                    f"calibration {fmt(candidate.get('calibration'))})")
         else:
@@ -454,7 +508,8 @@ class Run:
             judged = day_failures(checks)
             later = (f"day {plan.day} is left out of later windows ({', '.join(judged)}; --readmit {plan.day} to "
                      "let it in)" if judged else f"day {plan.day} stays in later windows (only vs_current failed)")
-            msg = f"retrain: day {plan.day}: kept current {cur}: the candidate was rejected: {reasons}; {later}"
+            msg = (f"retrain: day {plan.day}: kept current {self.label(cur)}: the candidate was rejected: {reasons}; "
+                   f"{later}")
         print(msg)
         print(f"retrain: run record {self.record.path}")
 
@@ -476,6 +531,15 @@ class Run:
                 shutil.rmtree(d, ignore_errors=True)
                 removed.append(d.name)
         return removed
+
+
+def _card_if_exported(out: Path, ckpt: Path) -> A.ModelCard | None:
+    """The card of an export of ``ckpt`` already at ``out`` (a rerun of the plan), or None."""
+    try:
+        card = A.read_card(out)
+    except A.ArtifactError:
+        return None
+    return card if Path(card.checkpoint) == ckpt.resolve() else None
 
 
 def run(cfg: RetrainConfig, day: int | None = None, refit: bool = False, force: bool = False,
