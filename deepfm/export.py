@@ -79,7 +79,8 @@ class ServingDeepFM(LogitParts):
         self.logit_offset = float(logit_offset)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        e = nn.functional.embedding(ids + self.row_offsets, self.table)       # [B, F, D + 4]
+        offsets: torch.Tensor = self.row_offsets  # type: ignore[assignment]  # a buffer [F]
+        e = nn.functional.embedding(ids + offsets, self.table)                  # [B, F, D + 4]
         return self.logits(e[:, :, :self.dim], e[:, :, self.dim:]) + self.logit_offset
 
 

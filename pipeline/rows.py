@@ -77,6 +77,7 @@ def continuous_value(name: str, raw: Any) -> float | None:
         return None
     if isinstance(raw, bool):
         raise ValueError(f"{name}: {raw!r} is a boolean, not a number")
+    v: float | None
     if isinstance(raw, (int, float)):
         v = float(raw)
     elif isinstance(raw, str):
@@ -119,18 +120,18 @@ class RowFeaturizer:
         self.contract = contract
         self.fields = contract.fields
         self.boundaries = {k: sorted(set(float(b) for b in v)) for k, v in boundaries.items()}
-        for f in contract.continuous:
-            if f.bucketing == "quantile" and f.name not in self.boundaries:
-                raise ValueError(f"{f.name}: quantile bucketing but no fitted boundaries")
+        for cont in contract.continuous:
+            if cont.bucketing == "quantile" and cont.name not in self.boundaries:
+                raise ValueError(f"{cont.name}: quantile bucketing but no fitted boundaries")
         self.kept: dict[str, np.ndarray] = {}
-        for f in contract.categorical:
-            if f.min_count > 0:
-                if f.name not in vocabulary:
-                    raise ValueError(f"{f.name}: min_count {f.min_count} but no vocabulary")
-                mask = np.zeros(f.hash_buckets, dtype=bool)
-                mask[np.asarray(vocabulary[f.name], dtype=np.int64)] = True
+        for cat in contract.categorical:
+            if cat.min_count > 0:
+                if cat.name not in vocabulary:
+                    raise ValueError(f"{cat.name}: min_count {cat.min_count} but no vocabulary")
+                mask = np.zeros(cat.hash_buckets, dtype=np.bool_)
+                mask[np.asarray(vocabulary[cat.name], dtype=np.int64)] = True
                 mask[MISSING_ID] = True                    # missing stays missing (pipeline.spark.transforms.map_rare)
-                self.kept[f.name] = mask
+                self.kept[cat.name] = mask
 
     def field_id(self, f: CategoricalField | ContinuousField, raw: Any) -> int:
         """One value's id (before the rare-id rule)."""
