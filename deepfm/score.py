@@ -7,7 +7,7 @@ fingerprint in the output's manifest), else it is refused.
 
 Output, one part per shard: ``SCORES/part-I-of-N.parquet`` with ``file`` (the input file's name), ``row``
 (the row's position in it), ``label``, ``logit`` (calibrated: the sampling correction included) and
-``probability``, and ``part-I-of-N.json`` (rows, seconds). ``--shard I/N`` scores every N-th file from
+``probability``, and ``part-I-of-N.json`` (rows, seconds, the model's load seconds, rows/s after the load). ``--shard I/N`` scores every N-th file from
 the I-th (0-based), so N processes or machines split a split between them over a shared folder; each
 part is written under a temporary name and renamed, and the process that finds all N parts there writes
 ``scores.json`` (the model, the rows, and AUC, logloss, NE and calibration over all parts when the data
@@ -100,6 +100,7 @@ def score(model: Path, split: Path, output: Path, shard: Shard = Shard(0, 1), ba
     except layout.PathOverlapError as e:
         raise ScoreError(str(e)) from None
     p = Predictor.load(model)
+    loaded = time.time()
     m, files = open_split(split)
     if m.feature_fingerprint != p.card.feature_fingerprint:
         raise ScoreError(f"--input {split}: featurized with feature fingerprint {m.feature_fingerprint}, the model "
@@ -130,11 +131,13 @@ def score(model: Path, split: Path, output: Path, shard: Shard = Shard(0, 1), ba
             rows += n
     os.replace(tmp, part)
     seconds = round(time.time() - t0, 3)
+    scoring = time.time() - loaded
     summary: dict[str, Any] = {"shard": f"{shard.index}/{shard.count}", "files": len(mine), "rows": rows,
-                               "seconds": seconds, "rows_per_s": round(rows / max(seconds, 1e-9), 1)}
+                               "seconds": seconds, "load_seconds": round(loaded - t0, 3),
+                               "rows_per_s": round(rows / max(scoring, 1e-9), 1)}
     _write_json(output / f"{shard.name}.json", summary)
-    log.info("%s: %d rows from %d file(s) in %.1f s (%.0f rows/s)", shard.name, rows, len(mine), seconds,
-             summary["rows_per_s"])
+    log.info("%s: %d rows from %d file(s) in %.1f s (model loaded in %.1f s; %.0f rows/s after it)", shard.name,
+             rows, len(mine), seconds, summary["load_seconds"], summary["rows_per_s"])
     done = complete(output, shard.count, p.fingerprint, model, split, m)
     if done is not None:
         summary["scores"] = done
