@@ -134,7 +134,7 @@ def open_data(state: TrainState, data: Path | None, ckpt: Path) -> tuple[Path, M
 def load_eager(ckpt: Path, state: TrainState) -> DeepFM:
     """The checkpoint's weights in an unsharded DeepFM on the CPU, in eval mode."""
     cfg = state.config
-    model = DeepFM(state.fields, cfg.model, cfg.hidden, cfg.dropout)
+    model = DeepFM(state.fields, cfg.model, cfg.hidden, cfg.dropout, crosses=cfg.crosses)
     sd = model.state_dict()
     dcp.load({"model": sd}, checkpoint_id=str(ckpt))      # no process group: one process reads every shard
     model.load_state_dict(sd)

@@ -11,8 +11,8 @@ split, the same days, rows and positives (which rows: the manifest's :class:`dee
 The folder's path is not part of it: a featurized output moved or copied resumes; one featurized again
 over other days, or from other logs, does not. (Checkpoints older than this record no splits; for them
 the same data is the same fingerprint and the same folder.) **The same model**: the same kind, the same
-hidden layers when the kind has a deep part, the same fields with the same table sizes and embedding
-dims. Any other setting (learning rates, batch size, epochs, max_steps, ...) may change on a relaunch
+hidden layers when the kind has a deep part (and the same ``crosses`` for deepfm_cross), the same fields
+with the same table sizes and embedding dims. Any other setting (learning rates, batch size, epochs, max_steps, ...) may change on a relaunch
 and applies from the resumed step.
 
 **A finished run** (no step left: its epochs done, early stopped, or max_steps reached) whose
@@ -21,6 +21,11 @@ exit 0, nothing rewritten. Raising ``--epochs`` (or ``--max-steps``) trains on f
 checkpoint, as Lightning's ``fit(ckpt_path=...)`` does with a larger ``max_epochs``; an early-stopped
 run stays finished. A finished run without its metrics.json (killed between its last checkpoint and
 the end of the test) is finished off: loaded, tested, metrics.json written.
+
+**FNN's pre-training** (``init_embeddings_from``, model fnn): a new run (no checkpoint of its own, no
+--warm-start) starts its tables from an fm run's checkpoint, its dense layers fresh; refused unless
+that checkpoint is an fm model's, for this data, with the same tables. A run that resumes, or is
+warm-started, does not go back to the fm run.
 """
 from __future__ import annotations
 
@@ -32,13 +37,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
-from deepfm.model import PARTS, FieldSpec
+from deepfm.model import FieldSpec, has_hidden
 from deepfm.state import SplitData, StateError, TrainState, days_text, read
 from deepfm.trainconf import TrainConfig
 from pipeline import layout
 from pipeline.manifest import Manifest, SplitInfo
 
-NEW, WARM, RESUME, FINISH, DONE = "new", "warm", "resume", "finish", "done"
+NEW, WARM, EMBEDDINGS, RESUME, FINISH, DONE = "new", "warm", "embeddings", "resume", "finish", "done"
 
 
 class LaunchError(RuntimeError):
@@ -47,9 +52,10 @@ class LaunchError(RuntimeError):
 
 @dataclass(frozen=True)
 class Start:
-    """How the run starts: ``new`` (from scratch), ``warm`` (the weights of ``checkpoint``), ``resume``
-    (weights, optimizers and progress of ``checkpoint``), ``finish`` (resume with no step left: test and
-    write metrics.json) or ``done`` (finished: nothing to do). ``why``: why no step is left."""
+    """How the run starts: ``new`` (from scratch), ``warm`` (the weights of ``checkpoint``), ``embeddings``
+    (the tables of ``checkpoint``, an fm run's, the rest from scratch: fnn), ``resume`` (weights,
+    optimizers and progress of ``checkpoint``), ``finish`` (resume with no step left: test and write
+    metrics.json) or ``done`` (finished: nothing to do). ``why``: why no step is left."""
 
     kind: str
     checkpoint: Path | None = None
@@ -106,6 +112,17 @@ def check_data(splits: Mapping[str, SplitInfo], where: Path, cfg: TrainConfig, w
     return tuple(notes)
 
 
+def check_crosses(cfg: TrainConfig, fields: tuple[str, ...] | list[str], where: Path) -> None:
+    """Refuse a ``crosses`` pair that names a field the data does not have (by name, with the fields it has).
+
+        crosses [[C1, C99]], fields I1..I13, C1..C26 -> LaunchError("crosses[0]: no field C99 in ...")
+    """
+    for i, pair in enumerate(cfg.crosses):
+        for name in pair:
+            if name not in fields:
+                raise LaunchError(f"crosses[{i}]: no field {name} in {where} (its fields: {', '.join(fields)})")
+
+
 # --- the run folder --------------------------------------------------------------------------------
 
 def same_data(saved: TrainState, now: TrainState) -> bool:
@@ -130,9 +147,12 @@ def model_differences(saved: TrainState, now: TrainState) -> tuple[list[str], li
         return [f"model {a.model}"], [f"model {b.model}"]
     was: list[str] = []
     asks: list[str] = []
-    if PARTS[a.model][2] and a.hidden != b.hidden:
+    if has_hidden(a.model) and a.hidden != b.hidden:
         was.append(f"model {a.model} with hidden {','.join(map(str, a.hidden))}")
         asks.append(f"hidden {','.join(map(str, b.hidden))}")
+    if a.model == "deepfm_cross" and a.crosses != b.crosses:
+        was.append(f"model {a.model} with crosses {_pairs(a.crosses)}")
+        asks.append(f"crosses {_pairs(b.crosses)}")
     if [f.name for f in saved.fields] != [f.name for f in now.fields]:
         was.append(f"{len(saved.fields)} fields {','.join(f.name for f in saved.fields)}")
         asks.append(f"{len(now.fields)} fields {','.join(f.name for f in now.fields)}")
@@ -143,6 +163,10 @@ def model_differences(saved: TrainState, now: TrainState) -> tuple[list[str], li
                 asks.append(f"table {y.name} {y.num_embeddings} x {y.embedding_dim}")
                 break
     return was, asks
+
+
+def _pairs(crosses: tuple[tuple[str, ...], ...]) -> str:
+    return ",".join(":".join(p) for p in crosses)
 
 
 def no_step_left(s: TrainState, cfg: TrainConfig) -> str | None:
@@ -157,11 +181,13 @@ def no_step_left(s: TrainState, cfg: TrainConfig) -> str | None:
 
 
 def plan_start(out: Path, now: TrainState, latest: Path | None, saved: TrainState | None,
-               metrics_step: int | None, warm: Path | None, warm_saved: TrainState | None) -> Start:
+               metrics_step: int | None, warm: Path | None, warm_saved: TrainState | None,
+               init: Path | None = None, init_saved: TrainState | None = None) -> Start:
     """How a launch with facts ``now`` starts in run folder ``out``, whose latest complete checkpoint is
     ``latest`` (state ``saved``) and whose metrics.json is for step ``metrics_step`` (None: none);
-    ``warm``: the --warm-start checkpoint (state ``warm_saved``). A checkpoint of the run itself wins
-    over --warm-start (a restarted warm-started run resumes). :class:`LaunchError` on another run's folder.
+    ``warm``: the --warm-start checkpoint (state ``warm_saved``); ``init``: the ``init_embeddings_from``
+    checkpoint (state ``init_saved``). A checkpoint of the run itself wins over --warm-start (a restarted
+    warm-started run resumes), and --warm-start over ``init``. :class:`LaunchError` on another run's folder.
     """
     if latest is not None and saved is not None:
         was: list[str] = []
@@ -187,7 +213,29 @@ def plan_start(out: Path, now: TrainState, latest: Path | None, saved: TrainStat
                               "mean different things. Train from scratch, or featurize with --reuse of the data "
                               "that model was trained on.")
         return Start(WARM, warm)
+    if init is not None and init_saved is not None:
+        check_embeddings_source(init, init_saved, now)
+        return Start(EMBEDDINGS, init)
     return Start(NEW)
+
+
+def check_embeddings_source(init: Path, src: TrainState, now: TrainState) -> None:
+    """Refuse an ``init_embeddings_from`` checkpoint that is not an fm model's, or not for this data's
+    ids, or whose tables are not this run's (names, rows, dims)."""
+    where = f"init_embeddings_from {init}"
+    if src.config.model != "fm":
+        raise LaunchError(f"{where}: a model {src.config.model} checkpoint; fnn starts from an fm run's embeddings "
+                          "(train one with --model fm)")
+    if src.feature_fingerprint != now.feature_fingerprint:
+        raise LaunchError(f"{where}: made for featurized data with fingerprint {src.feature_fingerprint}, but this "
+                          f"data's is {now.feature_fingerprint}: the ids mean different things. Train the fm run on "
+                          "this data.")
+    if src.fields != now.fields:
+        have = next((f"table {x.name} {x.num_embeddings} x {x.embedding_dim}" for x, y in zip(src.fields, now.fields)
+                     if x != y), f"{len(src.fields)} fields")
+        want = next((f"table {y.name} {y.num_embeddings} x {y.embedding_dim}" for x, y in zip(src.fields, now.fields)
+                     if x != y), f"{len(now.fields)} fields")
+        raise LaunchError(f"{where}: its tables are not this run's ({have}; this run has {want})")
 
 
 def _state(ckpt: Path) -> TrainState:
@@ -209,14 +257,19 @@ def prepare(out: Path, root: Path, m: Manifest, cfg: TrainConfig, world: int, wa
             test: bool) -> Launch:
     """Read the run folder (and the --warm-start checkpoint) and decide: the checks above, in order."""
     notes = check_data(m.splits, root / layout.MANIFEST, cfg, world, test)
+    check_crosses(cfg, list(m.field_names), root / layout.MANIFEST)
     latest = layout.latest_checkpoint(out)
-    warm = None
+    warm = init = None
     if latest is None and warm_start:
         warm = layout.checkpoint_of(Path(warm_start))
         if warm is None:
             raise LaunchError(f"--warm-start {warm_start}: no complete checkpoint there")
+    if latest is None and warm is None and cfg.init_embeddings_from is not None:
+        init = layout.checkpoint_of(Path(cfg.init_embeddings_from))
+        if init is None:
+            raise LaunchError(f"init_embeddings_from {cfg.init_embeddings_from}: no complete checkpoint there")
     start = plan_start(out, facts(root, m, cfg, world), latest, _state(latest) if latest else None,
-                       _metrics_step(out), warm, _state(warm) if warm else None)
+                       _metrics_step(out), warm, _state(warm) if warm else None, init, _state(init) if init else None)
     return Launch(start, notes)
 
 

@@ -12,7 +12,10 @@ possible). One lookup per field serves both.
     logit = y_FM + y_DNN;   p = sigmoid(logit), applied only in :func:`predict_proba`
 
 The paper's comparison models come from the same parts switched off: ``lr`` (w0 + first order),
-``fm`` (+ pairwise), ``dnn`` (deep part only), ``deepfm`` (all).
+``fm`` (+ pairwise), ``dnn`` (deep part only), ``deepfm`` (all). The rest of the paper's comparison
+(FNN, IPNN, OPNN, PNN*, LR&DNN, FM&DNN) and two DeepFM variants (NFM, DeepFM with explicit field
+crosses) are :data:`ZOO` kinds: the same tables and lookup, another module in the ``deep`` slot
+(deepfm/zoo.py gives each one's formula and shapes).
 
 The model returns logits, always one tensor [B]. Training goes through :class:`DeepFMTrain`, the train
 wrapper in the shape of torchrec's ``DLRMTrain`` (torchrec/models/dlrm.py): ``forward(batch) -> (loss,
@@ -40,6 +43,13 @@ if TYPE_CHECKING:
 FIRST_ORDER_DIM = 4
 PARTS = {"lr": (True, False, False), "fm": (True, True, False), "dnn": (False, False, True),
          "deepfm": (True, True, True)}
+ZOO = ("fnn", "ipnn", "opnn", "pnn_star", "wide_deep", "fm_dnn", "nfm", "deepfm_cross")   # built by deepfm.zoo
+KINDS = (*PARTS, *ZOO)          # every model kind; deepfm.trainconf.MODELS names the same (tests say so)
+
+
+def has_hidden(kind: str) -> bool:
+    """Whether the kind has hidden layers (so ``hidden`` shapes its parameters): all but lr and fm."""
+    return kind in ZOO or PARTS[kind][2]
 
 
 @dataclass(frozen=True)
@@ -54,16 +64,20 @@ def table_name(field: str) -> str:
 
 
 class SparseArch(nn.Module):
-    """KJT with one id per field per row -> V [B, F, D] and the first-order weights' 4 parts [B, F, 4]."""
+    """KJT with one id per field per row -> V [B, F, D] and the first-order weights' 4 parts [B, F, 4].
 
-    def __init__(self, fields: Sequence[FieldSpec], device: torch.device | str = "cpu", init_scale: float = 0.0):
+    ``latents`` > 1 widens every row to ``latents`` latent vectors side by side, V [B, F, latents * D]
+    (``dim`` is that width): fm_dnn's FM part and deep part each have their own (deepfm.zoo)."""
+
+    def __init__(self, fields: Sequence[FieldSpec], device: torch.device | str = "cpu", init_scale: float = 0.0,
+                 latents: int = 1):
         """``init_scale`` > 0: rows start uniform in [-init_scale, init_scale] in every table; 0: TorchRec's
         default, uniform in +-sqrt(1 / rows), which starts small tables (bucketized fields) far from zero."""
         super().__init__()
         dims = {f.embedding_dim for f in fields}
         if len(dims) != 1:
             raise ValueError(f"DeepFM needs one embedding dim for all fields (FM inner products); got {sorted(dims)}")
-        self.dim = dims.pop()
+        self.dim = dims.pop() * latents
         self.fields = [f.name for f in fields]
         self.ebc = EmbeddingBagCollection(
             tables=[EmbeddingBagConfig(name=table_name(f.name), embedding_dim=self.dim + FIRST_ORDER_DIM,
@@ -134,16 +148,29 @@ class ByteDropout(nn.Module):
         return f"p={self.p}, keep={self.threshold}/256"
 
 
-class DeepArch(nn.Module):
-    """V [B, F, D] -> [B]: an MLP over the concatenated embeddings, ReLU and dropout, linear output."""
+ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "tanh": nn.Tanh}
 
-    def __init__(self, in_features: int, hidden: Sequence[int], dropout: float, device: torch.device | str = "cpu"):
+
+def hidden_layers(in_features: int, hidden: Sequence[int], dropout: float, activation: str = "relu",
+                  device: torch.device | str = "cpu") -> tuple[list[nn.Module], int]:
+    """The hidden layers a(l+1) = dropout(act(W a(l) + b)), [B, in_features] -> [B, hidden[-1]], and the
+    last one's width (``in_features`` when ``hidden`` is empty)."""
+    layers: list[nn.Module] = []
+    width = in_features
+    for h in hidden:
+        layers += [nn.Linear(width, h, device=device), ACTIVATIONS[activation](), ByteDropout(dropout)]
+        width = h
+    return layers, width
+
+
+class DeepArch(nn.Module):
+    """V [B, F, D] (or any [B, X]) -> [B]: an MLP over the concatenated embeddings, ReLU (or ``activation``)
+    and dropout, linear output."""
+
+    def __init__(self, in_features: int, hidden: Sequence[int], dropout: float, device: torch.device | str = "cpu",
+                 activation: str = "relu"):
         super().__init__()
-        layers: list[nn.Module] = []
-        width = in_features
-        for h in hidden:
-            layers += [nn.Linear(width, h, device=device), nn.ReLU(), ByteDropout(dropout)]
-            width = h
+        layers, width = hidden_layers(in_features, hidden, dropout, activation, device)
         layers.append(nn.Linear(width, 1, device=device))
         self.mlp = nn.Sequential(*layers)
 
@@ -153,11 +180,13 @@ class DeepArch(nn.Module):
 
 class LogitParts(nn.Module):
     """The parts after the lookup, which DeepFM and its exported form (deepfm.export) share: ``bias`` (w0),
-    ``fm``, ``deep`` and the flags of the parts in use; :meth:`logits` adds them up."""
+    ``fm``, ``deep`` and the flags of the parts in use; :meth:`logits` adds them up. ``fm`` and ``deep``
+    are any modules V [B, F, D] -> [B]: FMInteraction and DeepArch for the paper's four kinds, the
+    modules of deepfm.zoo for the others, so the exported form holds every kind the same way."""
 
     bias: nn.Parameter
-    fm: "FMInteraction"
-    deep: "DeepArch | None"
+    fm: nn.Module
+    deep: nn.Module | None
     use_first: bool
     use_fm: bool
 
@@ -174,20 +203,33 @@ class LogitParts(nn.Module):
 
 
 class DeepFM(LogitParts):
-    """The whole model: ``forward(kjt) -> logits [B]``; the parts it uses come from ``kind`` (:data:`PARTS`)."""
+    """The whole model: ``forward(kjt) -> logits [B]``; the parts it uses come from ``kind`` (:data:`PARTS`,
+    or :data:`ZOO`: deepfm.zoo.zoo_parts). ``crosses``: the field pairs deepfm_cross crosses (others
+    ignore them)."""
 
     def __init__(self, fields: Sequence[FieldSpec], kind: str = "deepfm", hidden: Sequence[int] = (400, 400, 400),
                  dropout: float = 0.5, sparse_device: torch.device | str = "cpu",
-                 dense_device: torch.device | str = "cpu", init_scale: float = 0.0):
+                 dense_device: torch.device | str = "cpu", init_scale: float = 0.0,
+                 crosses: Sequence[Sequence[str]] = ()):
         super().__init__()
-        if kind not in PARTS:
-            raise ValueError(f"model {kind!r} is not one of {sorted(PARTS)}")
+        if kind not in KINDS:
+            raise ValueError(f"model {kind!r} is not one of {', '.join(KINDS)}")
         self.kind = kind
-        self.use_first, self.use_fm, self.use_deep = PARTS[kind]
-        self.sparse = SparseArch(fields, sparse_device, init_scale)
-        self.bias = nn.Parameter(torch.zeros(1, device=dense_device))     # w0
-        self.fm = FMInteraction()
-        self.deep = DeepArch(len(fields) * self.sparse.dim, hidden, dropout, dense_device) if self.use_deep else None
+        if kind in PARTS:
+            self.use_first, self.use_fm, self.use_deep = PARTS[kind]
+            self.sparse = SparseArch(fields, sparse_device, init_scale)
+            self.bias = nn.Parameter(torch.zeros(1, device=dense_device))     # w0
+            self.fm = FMInteraction()
+            self.deep = DeepArch(len(fields) * self.sparse.dim, hidden, dropout, dense_device) if self.use_deep else None
+            return
+        from deepfm.zoo import zoo_parts          # deepfm.zoo builds on this module's parts
+        parts = zoo_parts(kind, len(fields), fields[0].embedding_dim if fields else 0, hidden, dropout,
+                          cross_indices([f.name for f in fields], crosses), dense_device)
+        self.use_first, self.use_fm, self.use_deep = parts.use_first, parts.use_fm, True
+        self.sparse = SparseArch(fields, sparse_device, init_scale, latents=parts.latents)
+        self.bias = nn.Parameter(torch.zeros(1, device=dense_device))
+        self.fm = parts.fm if parts.fm is not None else FMInteraction()
+        self.deep = parts.deep
 
     def forward(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
         return self.logits(*self.sparse(kjt))
@@ -201,6 +243,17 @@ class DeepFM(LogitParts):
         if self.use_first:
             l2 = l2 + (w4 * w4).sum((1, 2))
         return l2
+
+
+def cross_indices(names: Sequence[str], crosses: Sequence[Sequence[str]]) -> list[tuple[int, int]]:
+    """Field-name pairs -> their positions in ``names``: (["I1", "C1", "C2"], [["C1", "C2"]]) -> [(1, 2)]."""
+    out = []
+    for i, pair in enumerate(crosses):
+        missing = [x for x in pair if x not in names]
+        if missing or len(pair) != 2:
+            raise ValueError(f"crosses[{i}]: {list(pair)} is not a pair of the data's fields")
+        out.append((names.index(pair[0]), names.index(pair[1])))
+    return out
 
 
 class DeepFMTrain(nn.Module):

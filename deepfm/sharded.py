@@ -11,7 +11,8 @@
   so that a checkpoint written at one world size loads at another, and the model's keys are DeepFM's
   own. Folder names come from pipeline.layout: ``checkpoints/step_N`` (model and optimizers) are for
   resuming; ``checkpoints/best`` (model only) holds the weights of the best valid evaluation. Each holds
-  the trainer's whole state (:class:`deepfm.state.TrainState`) in meta.json.
+  the trainer's whole state (:class:`deepfm.state.TrainState`) in meta.json. :func:`load_embeddings`
+  reads the tables alone (fnn's start from an fm run: the kinds' dense parts differ, the tables do not).
 """
 from __future__ import annotations
 
@@ -76,7 +77,7 @@ def build(fields: Sequence[FieldSpec], cfg: TrainConfig, cluster: Cluster) -> Tr
     taken as resolved (deepfm.cluster.resolve_bf16): only ``True`` turns autocast on."""
     torch.manual_seed(cfg.seed)
     model = DeepFM(fields, cfg.model, cfg.hidden, cfg.dropout, sparse_device="meta", dense_device=cluster.device,
-                   init_scale=cfg.embedding_init_scale)
+                   init_scale=cfg.embedding_init_scale, crosses=cfg.crosses)
     opt_cls = SPARSE_OPTIMIZERS[cfg.sparse_optimizer]
     sparse_args: dict[str, Any] = {"lr": cfg.sparse_lr}
     if cfg.sparse_optimizer != "sgd":
@@ -223,4 +224,25 @@ def load(t: Trainable, ckpt: Path, fingerprint: str, with_optimizer: bool = True
     t.dmp.load_state_dict(_denormalise(state["model"], live_model))
     if with_optimizer:
         t.optimizer.load_state_dict(_denormalise(state["optim"], live_optim))
+    return saved
+
+
+SPARSE_KEYS = "sparse."      # the tables' keys in a checkpoint's model state: sparse.ebc.embedding_bags.t_<field>.weight
+
+
+def load_embeddings(t: Trainable, ckpt: Path, fingerprint: str) -> TrainState:
+    """Load only the embedding tables of a checkpoint (any world size, any plan) into a built model; the
+    dense parameters and the optimizers stay as they are. fnn's FM pre-training: the tables of an fm
+    run, whose dense part (the bias alone) is not fnn's. Refuses one made for other features."""
+    saved = read_state(ckpt)
+    if saved.feature_fingerprint != fingerprint:
+        raise CheckpointError(f"{ckpt}: made for featurized data with fingerprint {saved.feature_fingerprint}, but "
+                              f"this data's is {fingerprint}: the ids mean different things")
+    live_model = t.dmp.state_dict()
+    tables = {k: v for k, v in _normalise(live_model).items() if k.startswith(SPARSE_KEYS)}
+    if not tables:
+        raise CheckpointError(f"{ckpt}: the model has no table keys ({SPARSE_KEYS}...) to load")
+    state: dict[str, Any] = {"model": tables}
+    dcp.load(state, checkpoint_id=str(ckpt))
+    t.dmp.load_state_dict(_denormalise(state["model"], live_model))   # the keys not loaded keep their values
     return saved

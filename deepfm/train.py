@@ -1,8 +1,8 @@
 """torchrun deepfm/train.py: train DeepFM on featurized Parquet with TorchRec-sharded tables.
 
     torchrun --nproc_per_node=N deepfm/train.py --data FEATURIZED_DIR --out RUN_DIR
-        [--config conf/train.yaml] [--model deepfm|fm|lr|dnn] [--epochs E] [--batch-size B]
-        [--warm-start CHECKPOINT_OR_RUN_DIR] [...]
+        [--config conf/train.yaml] [--model deepfm|fm|lr|dnn|fnn|ipnn|...] [--epochs E] [--batch-size B]
+        [--warm-start CHECKPOINT_OR_RUN_DIR] [--init-embeddings-from FM_RUN_DIR] [--crosses A:B,...] [...]
 
 A relaunch with the same --out (or torchrun --max-restarts after a worker dies) resumes from the
 latest complete checkpoint in RUN_DIR/checkpoints, at any world size, when it is for the same data and
@@ -38,7 +38,7 @@ import numpy as np
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from deepfm import inputs, launch, sharded
-from deepfm.model import PARTS
+from deepfm.model import has_hidden
 from deepfm.cluster import Cluster, dense_step_timer, init_cluster, log_project_info, resolve_bf16, shutdown
 from deepfm.evaluator import Evaluator
 from deepfm.launch import Start
@@ -96,7 +96,7 @@ def resolve(cfg: TrainConfig, cluster: Cluster, ds: inputs.Dataset) -> TrainConf
     """The settings that say ``auto`` decided for this device (and, for bf16, agreed by every rank): bf16
     by a measurement of the deep part's step at this batch size, fp32 vs bf16 (a CPU flag is not enough)."""
     timer = None
-    if PARTS[cfg.model][2] and cfg.bf16 == "auto":
+    if has_hidden(cfg.model) and cfg.bf16 == "auto":
         timer = dense_step_timer(sum(f.embedding_dim for f in ds.fields), cfg.hidden, cfg.batch_size, cluster.device)
     use_bf16, why = resolve_bf16(cfg.bf16, cluster.device, timer)
     pipeline, why_pipeline = resolve_train_pipeline(cfg.train_pipeline, cluster.device)
@@ -108,7 +108,8 @@ def resolve(cfg: TrainConfig, cluster: Cluster, ds: inputs.Dataset) -> TrainConf
 def start_or_resume(t: sharded.Trainable, ds: inputs.Dataset, cfg: TrainConfig, cluster: Cluster,
                     start: Start) -> TrainState:
     """Start as decided (deepfm.launch): resume a checkpoint of this run (weights, optimizers and
-    progress; ``finish``: with no step left), else a warm start (weights only), else from scratch."""
+    progress; ``finish``: with no step left), else a warm start (weights only), else fnn's start from an
+    fm run's tables (``embeddings``), else from scratch."""
     state = launch.facts(ds.root, ds.manifest, cfg, cluster.world)
     if start.kind in (launch.RESUME, launch.FINISH) and start.checkpoint is not None:
         state = state.resumed(sharded.load(t, start.checkpoint, ds.fingerprint))
@@ -117,6 +118,9 @@ def start_or_resume(t: sharded.Trainable, ds: inputs.Dataset, cfg: TrainConfig, 
     elif start.kind == launch.WARM and start.checkpoint is not None:
         sharded.load(t, start.checkpoint, ds.fingerprint, with_optimizer=False)
         log.info("warm start from %s", start.checkpoint)
+    elif start.kind == launch.EMBEDDINGS and start.checkpoint is not None:
+        sharded.load_embeddings(t, start.checkpoint, ds.fingerprint)
+        log.info("embedding tables from %s (init_embeddings_from); the dense layers start fresh", start.checkpoint)
     return state
 
 

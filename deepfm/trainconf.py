@@ -14,7 +14,8 @@ from typing import Any, Mapping, Sequence
 
 from pipeline import config as C
 
-MODELS = ("deepfm", "fm", "lr", "dnn")
+MODELS = ("deepfm", "fm", "lr", "dnn", "fnn", "ipnn", "opnn", "pnn_star", "wide_deep", "fm_dnn", "nfm",
+          "deepfm_cross")      # deepfm.model.KINDS (the tests check they agree); formulas in deepfm/zoo.py
 SPARSE_OPTIMIZERS = ("adagrad", "rowwise_adagrad", "sgd")
 SHARDING_TYPES = ("table_wise", "row_wise", "column_wise", "table_row_wise", "data_parallel")
 TRAIN_PIPELINES = ("auto", "sparse_dist", "plain")
@@ -23,6 +24,20 @@ DEFAULT_TRAIN_CONFIG = Path(__file__).resolve().parent.parent / "conf" / "train.
 
 class TrainConfigError(C.ConfigError):
     pass
+
+
+def _crosses(v: Any, where: str) -> Any:
+    """Pairs of two different field names, no pair twice (in either order); the names are checked
+    against the data's fields by deepfm.launch."""
+    seen: dict[frozenset[str], int] = {}
+    for i, pair in enumerate(v):
+        if len(pair) != 2 or pair[0] == pair[1]:
+            raise C.ConfigError(f"{where}[{i}]: {list(pair)} is not a pair of two different fields, e.g. [C1, C2]")
+        key = frozenset(pair)
+        if key in seen:
+            raise C.ConfigError(f"{where}[{i}]: {list(pair)} is {where}[{seen[key]}] again")
+        seen[key] = i
+    return v
 
 
 def _bf16(v: Any, where: str) -> Any:
@@ -60,6 +75,24 @@ class TrainConfig:
     prefetch_batches: int = C.setting(check=C.at_least(1))
     max_steps: int = C.setting(check=C.at_least(0))
     sharding: Mapping[str, str] = C.setting(check=C.each(C.one_of(*SHARDING_TYPES)))
+    crosses: tuple[tuple[str, ...], ...] = C.setting(check=_crosses)
+    init_embeddings_from: str | None = C.setting()
+
+
+def check_kind(cfg: TrainConfig) -> TrainConfig:
+    """The settings a model kind needs or refuses: deepfm_cross needs ``crosses``; fnn needs
+    ``init_embeddings_from`` (its FM pre-training), which no other kind takes."""
+    if cfg.model == "deepfm_cross" and not cfg.crosses:
+        raise TrainConfigError("crosses: model deepfm_cross needs at least one pair of fields to cross, "
+                               "e.g. crosses: [[C1, C2]]")
+    if cfg.model == "fnn" and cfg.init_embeddings_from is None:
+        raise TrainConfigError("init_embeddings_from: model fnn starts from the embeddings of a trained fm run "
+                               "(the paper's FM pre-training): name that run folder or checkpoint "
+                               "(--init-embeddings-from)")
+    if cfg.model != "fnn" and cfg.init_embeddings_from is not None:
+        raise TrainConfigError(f"init_embeddings_from: only model fnn starts from another run's embeddings, not "
+                               f"model {cfg.model} (--warm-start starts from a run's weights)")
+    return cfg
 
 
 def load_train_config(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> TrainConfig:
@@ -75,7 +108,7 @@ def load_train_config(path: str | Path | None = None, overrides: Mapping[str, An
             if user is not None:
                 raw = {**raw, **_known(C.mapping(user, ""), path)}
         raw = {**raw, **_known({k: v for k, v in (overrides or {}).items() if v is not None}, "the overrides")}
-        return C.build(TrainConfig, raw)
+        return check_kind(C.build(TrainConfig, raw))
     except TrainConfigError:
         raise
     except C.ConfigError as e:
@@ -87,13 +120,21 @@ def _known(raw: Mapping[str, Any], where: Any) -> dict[str, Any]:
     for k in raw:
         if k not in allowed:
             raise TrainConfigError(f"{k}: unknown key in {where} (allowed: {', '.join(sorted(allowed))})")
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in raw.items()}
+    return {k: _plain(v) for k, v in raw.items()}
+
+
+def _plain(v: Any) -> Any:
+    """Tuples (at any depth) as lists, mappings as dicts: the data YAML and JSON give."""
+    if isinstance(v, (tuple, list)):
+        return [_plain(x) for x in v]
+    if isinstance(v, Mapping):
+        return {k: _plain(x) for k, x in v.items()}
+    return v
 
 
 def to_overrides(cfg: TrainConfig) -> dict[str, Any]:
     """The settings as plain data (lists for tuples), as :func:`load_train_config` takes them back."""
-    return {k: (list(v) if isinstance(v, tuple) else dict(v) if isinstance(v, Mapping) else v)
-            for k, v in dataclasses.asdict(cfg).items()}
+    return {f.name: _plain(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -104,7 +145,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, TrainConfig]:
-    p = _Parser(prog="torchrun deepfm/train.py", description="train DeepFM (or lr, fm, dnn) on featurized Parquet with TorchRec-sharded tables")
+    p = _Parser(prog="torchrun deepfm/train.py", description="train DeepFM (or another kind: --model) on featurized Parquet with TorchRec-sharded tables")
     p.add_argument("--data", required=True, help="featurized output (jobs/featurize.py)")
     p.add_argument("--out", required=True, help="run folder: checkpoints, metrics.json, tensorboard/")
     p.add_argument("--config", default=str(DEFAULT_TRAIN_CONFIG), help="training settings (conf/train.yaml)")
@@ -123,11 +164,21 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, TrainCon
     p.add_argument("--checkpoint-every-steps", type=int)
     p.add_argument("--seed", type=int)
     p.add_argument("--warm-start", help="start from this checkpoint's (or run folder's latest) model weights")
+    p.add_argument("--init-embeddings-from", metavar="RUN_OR_CHECKPOINT",
+                   help="model fnn: start its tables from this fm run's (its latest checkpoint) or checkpoint's")
+    p.add_argument("--crosses", type=_pairs, metavar="A:B,C:D",
+                   help="model deepfm_cross: the field pairs to cross, e.g. C1:C2,I1:C3")
     p.add_argument("--no-test", action="store_true", help="skip the final test evaluation")
     p.add_argument("--cpu", action="store_true", help="use the CPU and gloo even when CUDA is present")
     a = p.parse_args(argv)
     over = {k: getattr(a, k) for k in ("model", "epochs", "batch_size", "dense_lr", "sparse_lr", "dropout", "hidden",
-                                       "bf16", "max_steps", "eval_every_steps", "checkpoint_every_steps", "seed")}
+                                       "bf16", "max_steps", "eval_every_steps", "checkpoint_every_steps", "seed",
+                                       "init_embeddings_from", "crosses")}
     return a, load_train_config(a.config, over)
+
+
+def _pairs(s: str) -> list[list[str]]:
+    """``C1:C2,I1:C3`` -> [["C1", "C2"], ["I1", "C3"]] (the setting checks that each is a pair)."""
+    return [p.split(":") for p in s.split(",")]
 
 
