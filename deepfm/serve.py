@@ -211,9 +211,13 @@ def make_app(predictor: Predictor, max_rows: int = DEFAULT_MAX_ROWS, threads: in
 def listen(host: str, port: int) -> socket.socket:
     """A listening TCP socket on host:port (port 0: one the system picks); OSError when it cannot be had."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # proto IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets whose proto says TCP, and the
+    # accepted ones inherit it. Without it uvicorn's two writes of an answer (head, body) meet Nagle's
+    # algorithm and the client's delayed ACK: every request took 40 ms more.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.bind((host, port))
         sock.listen(2048)
     except OSError:

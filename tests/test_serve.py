@@ -13,6 +13,7 @@ import http.client
 import json
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -141,6 +142,20 @@ def test_a_failure_of_the_model_is_500_naming_it(client):
     r = client.post("/predict", json={"rows": [{}]})
     assert r.status_code == 500 and "RuntimeError: the graph broke" in r.json()["error"]
     assert r.headers[FP_HEADER] == "fp-test-0001"
+
+
+def test_the_listening_socket_is_tcp_so_asyncio_sets_nodelay():
+    """asyncio turns Nagle off only on sockets whose proto is TCP; with proto 0 each answer waited 40 ms."""
+    from deepfm.serve import listen
+    s = listen("127.0.0.1", 0)
+    try:
+        assert s.proto == socket.IPPROTO_TCP and s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        with socket.create_connection(s.getsockname()[:2], timeout=5):
+            accepted, _ = s.accept()
+            with accepted:
+                assert accepted.proto == socket.IPPROTO_TCP
+    finally:
+        s.close()
 
 
 # --- slow: the real service in a subprocess ------------------------------------------------------------
@@ -278,6 +293,22 @@ def test_http_rejections(service, predictor, raw_rows):
     assert status == 400 and "not JSON" in out["error"]
     status, _, out = service.request("POST", "/predict", {"rows": [{}] * 1001})
     assert status == 413 and "at most 1000" in out["error"]
+
+
+@pytest.mark.slow
+def test_one_client_is_not_held_by_nagle(service, raw_rows):
+    """One keep-alive client, requests one after another: a round trip of about a millisecond, not the
+    40 ms of Nagle's algorithm meeting the client's delayed ACK (uvicorn writes an answer's head and body
+    apart)."""
+    conn, seconds = service.connect(), []
+    try:
+        for i in range(40):
+            t = time.perf_counter()
+            assert service.request("POST", "/predict", {"rows": [raw_rows[i]]}, conn)[0] == 200
+            seconds.append(time.perf_counter() - t)
+    finally:
+        conn.close()
+    assert sorted(seconds)[len(seconds) // 2] < 0.025, seconds
 
 
 @pytest.mark.slow
