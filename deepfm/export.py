@@ -63,7 +63,9 @@ class ServingDeepFM(LogitParts):
     The per-field tables [rows_i, D + 4] are stacked into one [sum rows_i, D + 4]; field i's id k is row
     ``offset_i + k``. One ``aten.embedding`` gives the rows [B, F, D + 4], split into V [B, F, D] and the
     first-order parts [B, F, 4] as deepfm.model.SparseArch does; the model's own dense parts (shared with
-    it, not copied) make the logit, and ``logit_offset`` (ln of the sampling rate) is added.
+    it, not copied) make the logit, and ``logit_offset`` (ln of the sampling rate) is added. Every kind
+    exports this way: deepfm.zoo's kinds fill the same slots (``fm``, ``deep``), and fm_dnn's wider rows
+    [V' | V'' | w] split at ``dim`` (its SparseArch's, 2 D) like the others'.
     """
 
     def __init__(self, model: DeepFM, logit_offset: float):
