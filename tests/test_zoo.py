@@ -308,3 +308,12 @@ def test_a_zoo_kinds_hidden_layers_and_deepfm_crosss_pairs_make_another_model():
     with pytest.raises(LaunchError, match=r"holds a run on model deepfm_cross with crosses I1:C1; this launch asks "
                                           r"for crosses C1:I1"):
         L.plan_start(OUT, _facts(model="deepfm_cross", crosses=[["C1", "I1"]]), OUT / "ck", saved, None, None, None)
+
+
+def test_retraining_passes_crosses_and_the_fm_run_as_the_trainers_flags():
+    from pipeline.retrain.config import TrainSettings, trainer_args
+    t = TrainSettings(settings={"crosses": (("C1", "C2"), ("I1", "C3")), "init_embeddings_from": "/runs/fm"})
+    args = trainer_args(t)
+    assert args[2:] == ["--crosses", "C1:C2,I1:C3", "--init-embeddings-from", "/runs/fm"]
+    _, cfg = parse_args(["--data", "d", "--out", "o", "--model", "fnn", *args[2:]])
+    assert (cfg.crosses, cfg.init_embeddings_from) == ((("C1", "C2"), ("I1", "C3")), "/runs/fm")

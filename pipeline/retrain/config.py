@@ -169,8 +169,8 @@ def _flag(key: str, value: Any) -> list[str]:
     flag = key.replace("_", "-")
     if isinstance(value, bool):
         return [f"--{flag}" if value else f"--no-{flag}"]
-    if isinstance(value, tuple):
-        return [f"--{flag}", ",".join(str(x) for x in value)]
+    if isinstance(value, tuple):     # hidden (64, 64) -> 64,64; crosses (("C1", "C2"),) -> C1:C2
+        return [f"--{flag}", ",".join(":".join(x) if isinstance(x, tuple) else str(x) for x in value)]
     return [f"--{flag}", str(value)]
 
 
