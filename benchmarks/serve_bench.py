@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import platform
@@ -149,18 +150,18 @@ async def load(port: int, request: bytes, fingerprint: bytes, clients: int, dura
     return seconds, time.perf_counter() - record_from
 
 
-def http_request(rows: list[Mapping[str, Any]]) -> bytes:
+def http_request(rows: Sequence[Mapping[str, Any]]) -> bytes:
     body = json.dumps({"rows": rows}).encode()
     return (b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
             b"Content-Length: %d\r\n\r\n" % len(body)) + body
 
 
-def over_http(model: Path, p: Predictor, rows: list[dict[str, Any]], concurrency: Sequence[int],
+def over_http(model: Path, fingerprint: str, rows: list[dict[str, Any]], concurrency: Sequence[int],
               sizes: Sequence[int], duration: float, threads: int, torch_threads: int) -> list[dict[str, Any]]:
     proc, port = start_service(model, threads, torch_threads)
     res = []
     try:
-        fp = p.fingerprint.encode()
+        fp = fingerprint.encode()
         for n in sizes:
             req = http_request(rows[:n])
             for c in concurrency:
@@ -210,11 +211,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
               f"{time.perf_counter() - t:.1f} s", flush=True)
         rows = rows_for(p, a.raw, max(sizes + http_sizes))
         m: dict[str, Any] = {"path": str(model), "mb": size, "in_process": in_process(p, rows, sizes, a.calls)}
-        del p
+        fingerprint = p.fingerprint
+        del p                                           # the server loads its own (a paper-size one is 2 GB)
+        gc.collect()
         if not a.no_http:
-            p = Predictor.load(model, check=False)      # the fingerprint and rows; the server loads its own
-            m["http"] = over_http(model, p, rows, conc, http_sizes, a.http_seconds, a.threads, a.torch_threads)
-            del p
+            m["http"] = over_http(model, fingerprint, rows, conc, http_sizes, a.http_seconds, a.threads,
+                                  a.torch_threads)
         out["models"][name] = m
     out["load_average_end"] = os.getloadavg()
     print_table(out)

@@ -21,11 +21,16 @@ exactly what ``Predictor.predict`` returned.
 Threads. The event loop only reads bodies and writes responses; the rest of a request (JSON parse, the
 featurizer, the graph, the JSON of the answer) runs in a pool of ``--threads`` worker threads (default:
 the cores this process may use), so a long batch never stalls /health or other connections. torch's
-intra-op pool is set to ``--torch-threads`` (default 1): a request's batch is small (1 to a few hundred
-rows), too short an op for intra-op parallelism to pay for its fork/join, and the featurizer is Python
-that holds the GIL, so running several requests side by side (torch releases the GIL inside its ops)
-uses the cores better than splitting one request's ops. Keep threads x torch threads <= the cores; for
-few, large batches (thousands of rows a request) raise --torch-threads instead of --threads.
+intra-op pool is set to ``--torch-threads`` (default 1). A request's batch is small (1 to a few hundred
+rows): its graph is too short an op for intra-op parallelism to pay for its fork/join, and most of a
+request is Python that holds the GIL (the featurizer: ~80% of a 256-row predict; uvicorn's HTTP parsing;
+JSON), so the way to use the cores is requests side by side: torch releases the GIL inside its ops, so
+one request's graph runs while another is featurized. Measured on 2 shared cores with the paper-size
+model (benchmarks/serve_bench.py): --torch-threads 2 made the 256-row graph 6x slower (2.8 -> 17.6 ms,
+the two pools oversubscribing the cores); --threads 1, 2 and 4 were within the noise of each other.
+Keep threads x torch threads <= the cores; raise --torch-threads only for few, large batches
+(thousands of rows a request). The GIL bounds one process to about one core's worth of Python: more
+throughput needs more processes (one per core, each with its own model, behind a balancer).
 
 Logs: one start line (model, fingerprint, address); uvicorn's own at WARNING and no access log unless
 ``--access-log``. With ``--port 0`` the system picks a free port, which the start line names.
