@@ -27,8 +27,10 @@ ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
 
-def sh(cmd: list[str], **kw) -> subprocess.CompletedProcess:
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, **kw)
+def sh(cmd: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    # the venv's bin first: spark-submit finds pyspark through the python on PATH
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '')}", **(env or {})}
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
     if r.returncode != 0:
         sys.exit(f"failed: {' '.join(cmd)}\n{r.stderr[-3000:]}")
     return r
@@ -46,7 +48,7 @@ def make_model(work: Path, rows_per_day: int) -> tuple[Path, Path]:
     sh([str(BIN / "spark-submit"), "--master", "local[2]", "--driver-memory", "4g", "jobs/featurize.py", "--input",
         str(raw), "--output", str(feat), "--config", "conf/criteo.yaml"])
     sh([str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "deepfm/train.py", "--data", str(feat), "--out",
-        str(run), "--max-steps", "5", "--no-test"], env={**os.environ, "OMP_NUM_THREADS": "1"})
+        str(run), "--max-steps", "5", "--no-test"], env={"OMP_NUM_THREADS": "1"})
     sh([sys.executable, "-m", "deepfm.export", "--run", str(run), "--out", str(model)])
     shutil.rmtree(run)                      # ~4 GB per checkpoint
     shutil.rmtree(raw)
@@ -66,26 +68,30 @@ def main() -> None:
     p.add_argument("--rows-per-day", type=int, default=300_000)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=8192)
+    p.add_argument("--threads", type=lambda t: [int(x) for x in t.split(",")], default=[1, 2],
+                   help="torch intra-op thread counts to compare (default 1,2)")
     a = p.parse_args()
     model, feat = make_model(a.work, a.rows_per_day)
     out = a.work / "scores"
-    results = []
+    results: dict[int, list[tuple[float, float, float, int]]] = {t: [] for t in a.threads}
     for i in range(a.runs):
-        t = time.time()
-        sh([sys.executable, "-m", "deepfm.score", "--model", str(model), "--input", str(feat / "test"), "--output",
-            str(out), "--overwrite", "--batch-size", str(a.batch_size)])
-        wall = time.time() - t
-        part = json.loads((out / "part-00000-of-00001.json").read_text())
-        results.append((wall, part["load_seconds"], part["rows_per_s"], part["rows"]))
-        print(f"run {i + 1}: {part['rows']} rows, wall {wall:.1f} s, model load {part['load_seconds']:.1f} s, "
-              f"{part['rows_per_s']:,.0f} rows/s after the load", flush=True)
+        for threads in a.threads:           # alternating, so that both settings see the same machine
+            t = time.time()
+            sh([sys.executable, "-m", "deepfm.score", "--model", str(model), "--input", str(feat / "test"), "--output",
+                str(out), "--overwrite", "--batch-size", str(a.batch_size), "--threads", str(threads)])
+            wall = time.time() - t
+            part = json.loads((out / "part-00000-of-00001.json").read_text())
+            results[threads].append((wall, part["load_seconds"], part["rows_per_s"], part["rows"]))
+            print(f"run {i + 1}, {threads} thread(s): {part['rows']} rows, wall {wall:.1f} s, model load "
+                  f"{part['load_seconds']:.1f} s, {part['rows_per_s']:,.0f} rows/s after the load", flush=True)
     size = model.stat().st_size / 1e9
-    print(f"\n{time.strftime('%Y-%m-%d')}, {cpu()}, {os.cpu_count()} cores; model {size:.2f} GB; batch {a.batch_size}")
-    print("| rows | wall s (median) | load s | rows/s after the load (median) |")
-    print("| --- | --- | --- | --- |")
-    print(f"| {results[0][3]:,} | {statistics.median(r[0] for r in results):.1f} | "
-          f"{statistics.median(r[1] for r in results):.1f} | {statistics.median(r[2] for r in results):,.0f} |")
-
+    print(f"\n{time.strftime('%Y-%m-%d')}, {cpu()}, {os.cpu_count()} cores; model {size:.2f} GB; batch {a.batch_size}; "
+          f"median of {a.runs} cold runs")
+    print("| torch threads | rows | wall s | model load s | rows/s after the load |")
+    print("| --- | --- | --- | --- | --- |")
+    for threads, rs in results.items():
+        print(f"| {threads} | {rs[0][3]:,} | {statistics.median(r[0] for r in rs):.1f} | "
+              f"{statistics.median(r[1] for r in rs):.1f} | {statistics.median(r[2] for r in rs):,.0f} |")
 
 if __name__ == "__main__":
     main()
