@@ -6,9 +6,9 @@
 
 For each model:
   in-process: ``Predictor.predict(rows)`` for 1 row and 256 rows (--sizes), --calls timed calls after
-              warm-up (torch intra-op threads: --torch-threads), each call's p50 and p99, and the same
-              split into its two halves: the featurizer (raw rows -> ids, Python) and the graph (ids ->
-              probabilities, torch);
+              warm-up (torch intra-op threads: --torch-threads), each call's p50 and p99, and (a quarter
+              as many calls) its two halves: the featurizer (raw rows -> ids, Python) and the graph (ids
+              -> probabilities, torch);
   HTTP:       the service started as users start it (``python -m deepfm.serve --port 0 --threads T
               --torch-threads K``), then for each number of clients (--concurrency) and rows a request
               (--http-sizes): every client on its own keep-alive connection sends POST /predict back to
@@ -91,11 +91,11 @@ def in_process(p: Predictor, rows: list[dict[str, Any]], sizes: Sequence[int], c
     for n in sizes:
         batch = rows[:n]
         ids = p.ids(batch)
-        k = max(50, calls // max(1, n // 32)) if n > 32 else calls      # fewer calls of large batches
-        k = min(k, calls)
+        k = calls
         total = percentiles(timed(lambda: p.predict(batch), k, warmup=max(20, k // 10)))
-        feat = percentiles(timed(lambda: p.ids(batch), k, warmup=10))
-        graph = percentiles(timed(lambda: p.predict_ids(ids), k, warmup=10))
+        part = max(50, k // 4)                          # the two halves: fewer calls
+        feat = percentiles(timed(lambda: p.ids(batch), part, warmup=10))
+        graph = percentiles(timed(lambda: p.predict_ids(ids), part, warmup=10))
         res.append({"rows": n, "calls": k, "p50_ms": total[0], "p99_ms": total[1], "featurize_p50_ms": feat[0],
                     "featurize_p99_ms": feat[1], "graph_p50_ms": graph[0], "graph_p99_ms": graph[1]})
         print(f"  in-process {n:4d} row(s), {k} calls: p50 {total[0]:.3f} ms, p99 {total[1]:.3f} ms "

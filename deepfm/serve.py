@@ -90,6 +90,8 @@ def parse_rows(body: bytes, max_rows: int) -> list[Mapping[str, Any]]:
         doc = json.loads(body)
     except (ValueError, UnicodeDecodeError) as e:
         raise RequestError(400, f"the body is not JSON ({e}); {SHAPE}") from None
+    except RecursionError:
+        raise RequestError(400, f"the body nests too deep; {SHAPE}") from None
     if not isinstance(doc, dict) or "rows" not in doc:
         raise RequestError(400, f"{SHAPE}, got {_kind(doc)}" + ("" if not isinstance(doc, dict) else " without rows"))
     rows = doc["rows"]

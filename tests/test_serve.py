@@ -96,6 +96,7 @@ def test_a_rejected_value_is_400_naming_the_row_and_field(client):
     (b'{"rows": {"I1": 1}}', "got rows as an object"),
     (b'{"rows": [{"I1": 1}, 7]}', "row 1: expected an object"),
     (b'{"rows": [null]}', "row 0: expected an object of field -> value, got null"),
+    (b'{"rows": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nests too deep"),
 ])
 def test_a_body_that_is_not_rows_is_400(client, body, says):
     r = client.post("/predict", content=body, headers={"content-type": "application/json"})
