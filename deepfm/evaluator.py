@@ -58,7 +58,11 @@ class Evaluator:
         return M.debias(q, self.ds.neg_sample_rate), y   # the model saw a fraction r of the negatives
 
     def evaluate(self, split: str) -> dict[str, float]:
+        return self.scored(split)[0]
+
+    def scored(self, split: str) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
+        """The split's metrics and the (probability, label) of every row they are computed from."""
         p, y = self.predict(split)
         if len(y) != self.ds.rows(split):
             raise RuntimeError(f"{split}: evaluated {len(y)} rows, the manifest says {self.ds.rows(split)}")
-        return M.summary(p, y)
+        return M.summary(p, y), p, y

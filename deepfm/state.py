@@ -81,6 +81,7 @@ class TrainState:
     examples: int = 0                   # trained, over all ranks
     seconds: float = 0.0                # of training (evaluation and checkpoint writing excluded)
     weights_from_step: int | None = None   # the final checkpoint holds the weights of this (best) step
+    train_loss: list[list[float]] = field(default_factory=list)     # rank 0's: [step, mean loss since the last]
 
     def resumed(self, saved: "TrainState") -> "TrainState":
         """This launch's facts with ``saved``'s progress. At another world size the step within the epoch
@@ -89,7 +90,8 @@ class TrainState:
         step = saved.step_in_epoch
         if saved.world_size != self.world_size:
             step = int(step * saved.world_size / self.world_size)
-        return dataclasses.replace(self, **{**progress, "history": list(saved.history), "step_in_epoch": step})
+        return dataclasses.replace(self, **{**progress, "history": list(saved.history),
+                                            "train_loss": [list(x) for x in saved.train_loss], "step_in_epoch": step})
 
     def evaluation(self, step: int) -> dict[str, Any]:
         """The history entry of the valid evaluation at ``step``; else the last one; {} when none."""
@@ -102,6 +104,7 @@ class TrainState:
         d["fields"] = [dataclasses.asdict(f) for f in self.fields]
         d["splits"] = {k: {"days": list(v.days), "rows": v.rows, "positives": v.positives} for k, v in self.splits.items()}
         d["history"] = [dict(h) for h in self.history]
+        d["train_loss"] = [list(x) for x in self.train_loss]
         return d
 
     @classmethod
@@ -117,6 +120,7 @@ class TrainState:
             body["splits"] = {k: SplitData(tuple(v["days"]), v["rows"], v["positives"])
                               for k, v in body.get("splits", {}).items()}
             body["history"] = [dict(h) for h in body.get("history", [])]
+            body["train_loss"] = [list(x) for x in body.get("train_loss", [])]
             return cls(**body)
         except (KeyError, TypeError, ValueError) as e:
             raise StateError(f"{where}: not a trainer state: {type(e).__name__}: {e}") from None
@@ -136,7 +140,7 @@ class TrainState:
 
 
 _PROGRESS = ("epoch", "step_in_epoch", "global_step", "best_auc", "best_step", "bad_evals", "early_stopped",
-             "history", "examples", "seconds")
+             "history", "examples", "seconds", "train_loss")
 
 
 def write(ckpt: Path, state: TrainState) -> None:

@@ -8,7 +8,8 @@ A relaunch with the same --out (or torchrun --max-restarts after a worker dies) 
 latest complete checkpoint in RUN_DIR/checkpoints, at any world size, when it is for the same data and
 model (else it is refused, exit 2); a finished run is not run again (deepfm/launch.py: what "the same"
 means and what a relaunch does). RUN_DIR/metrics.json gets the valid and test metrics and the training
-throughput; RUN_DIR/tensorboard the event files. Settings, data and run folder are checked before the
+throughput; RUN_DIR/tensorboard the event files; RUN_DIR/curves.json and predictions/test.npz what
+python -m deepfm.report draws (deepfm/runfiles.py). Settings, data and run folder are checked before the
 process group starts: a refusal is one line, ``train: error: ...``, exit 2 on every rank (under
 torchrun, the root cause at the end of its failure summary).
 """
@@ -37,7 +38,7 @@ import numpy as np
 
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from deepfm import inputs, launch, sharded
+from deepfm import inputs, launch, runfiles, sharded
 from deepfm.model import has_hidden
 from deepfm.cluster import Cluster, dense_step_timer, init_cluster, log_project_info, resolve_bf16, shutdown
 from deepfm.evaluator import Evaluator
@@ -138,6 +139,10 @@ class Loop:
         self.clock = Stopwatch()
         self.clock.start(state.seconds)
         self.examples_at_start = state.examples
+        total = self.steps_per_epoch * cfg.epochs
+        self.loss_every = runfiles.loss_every(min(total, cfg.max_steps) if cfg.max_steps else total)
+        self._loss_sum: Any = None          # rank 0: the losses since the last point of state.train_loss
+        self._loss_n = 0
 
     def one_epoch(self) -> None:
         """Steps to the end of the epoch, or until max_steps or early stopping; then (at the end of the
@@ -177,6 +182,12 @@ class Loop:
         s.examples += self.cfg.batch_size * self.cluster.world
         if bar is None:
             return
+        d = loss.detach()
+        self._loss_sum = d if self._loss_sum is None else self._loss_sum + d    # no sync: a tensor add
+        self._loss_n += 1
+        if s.global_step % self.loss_every == 0:
+            s.train_loss.append([s.global_step, round(float(self._loss_sum.item()) / self._loss_n, 6)])
+            self._loss_sum, self._loss_n = None, 0
         bar.update(1)
         if s.global_step % 10 == 0:
             rate = (s.examples - self.examples_at_start) / max(self.clock.seconds() - self.clock.base, 1e-9)
@@ -215,7 +226,8 @@ class Loop:
 
 
 def finish(loop: Loop, test: bool) -> dict:
-    """The best valid weights back (when kept) for the test and the last checkpoint; metrics.json."""
+    """The best valid weights back (when kept) for the test and the last checkpoint; metrics.json, and
+    before it the files deepfm.report draws (deepfm.runfiles: the loss curve, the test predictions)."""
     s, cfg, cluster, ds = loop.state, loop.cfg, loop.cluster, loop.ds
     if cfg.keep_best and 0 <= s.best_step != s.global_step and restore_best(loop.t, cluster, loop.run, ds.fingerprint,
                                                                             s.best_step):
@@ -227,7 +239,7 @@ def finish(loop: Loop, test: bool) -> dict:
     result: dict[str, Any] = {
         "model": cfg.model, "world_size": cluster.world, "device": str(cluster.device),
         "precision": "bf16" if cfg.bf16 else "fp32", "train_pipeline": cfg.train_pipeline,
-        "feature_fingerprint": ds.fingerprint, "global_step": s.global_step,
+        "feature_fingerprint": ds.fingerprint, "data": str(ds.root.resolve()), "global_step": s.global_step,
         "train": {"examples": s.examples, "seconds": round(s.seconds, 3),
                   "examples_per_s": round(s.examples / max(s.seconds, 1e-9), 1)},
         "valid": s.evaluation(weights_from), "valid_best_auc": s.best_auc, "valid_best_step": s.best_step,
@@ -235,10 +247,12 @@ def finish(loop: Loop, test: bool) -> dict:
         "plan": loop.t.plan_summary(),
     }
     if test and ds.rows("test") > 0:
-        result["test"] = loop.evaluator.evaluate("test")
+        result["test"], p, y = loop.evaluator.scored("test")
         if cluster.is_main:
             log.info("test: %s", {k: round(v, 5) for k, v in result["test"].items()})
+            result["test_predictions"] = runfiles.write_predictions(loop.run, "test", p, y)
     if cluster.is_main:
+        runfiles.write_curves(loop.run, s.train_loss, loop.loss_every)
         tmp = loop.run / f".{layout.METRICS}.tmp"
         tmp.write_text(json.dumps(_jsonable(result), indent=1))
         os.replace(tmp, loop.run / layout.METRICS)
