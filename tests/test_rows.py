@@ -100,3 +100,17 @@ def test_split_line_checks_the_column_count():
     assert split_line(line, c)["label"] == "1"
     with pytest.raises(ValueError, match="39 columns, the contract's source.columns has 40"):
         split_line("\t".join(["1"] + [""] * 38), c)
+
+
+def test_cached_ids_equal_fresh_ones_and_errors_are_not_cached():
+    c = load_contract(SMALL)
+    rows = [{"I1": str(i % 7), "C1": f"v{i % 5}", "C2": i % 3} for i in range(50)]
+    warm = RowFeaturizer(c, {}, {})
+    warm.ids(rows)
+    fresh = [RowFeaturizer(c, {}, {}).ids([r])[0] for r in rows]
+    np.testing.assert_array_equal(warm.ids(rows), np.array(fresh))
+    for _ in range(2):                               # the second time too: a rejected text is not remembered
+        with pytest.raises(ValueError, match="row 0: I1: 'x' is not a number"):
+            warm.ids([{"I1": "x"}])
+    with pytest.raises(ValueError, match="C1: a float"):     # 1.0 == 1: numbers are not looked up
+        warm.ids([{"C1": 1}, {"C1": 1.0}])
