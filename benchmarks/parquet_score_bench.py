@@ -8,7 +8,7 @@ generated logs (the weights' values do not change the speed) and exported. Made 
 reused; the training run's checkpoints (about 4 GB each) are deleted once the model is exported.
 
 Each run is a whole cold process, ``python -m deepfm.score`` on the test day (``--overwrite``); the table
-gives its wall time, the model's load time and the rows per second after the load (the issue's target:
+gives its wall time, the model's load time and the rows per second after the load, for each --workers setting (the issue's target:
 at least 100,000 on two cores), the median over the runs.
 """
 from __future__ import annotations
@@ -68,26 +68,26 @@ def main() -> None:
     p.add_argument("--rows-per-day", type=int, default=300_000)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=8192)
-    p.add_argument("--threads", type=lambda t: [int(x) for x in t.split(",")], default=[1, 2],
-                   help="torch intra-op thread counts to compare (default 1,2)")
+    p.add_argument("--workers", type=lambda t: [int(x) for x in t.split(",")], default=[1, 2],
+                   help="deepfm.score --workers to compare (default 1,2: threads of one torch thread each)")
     a = p.parse_args()
     model, feat = make_model(a.work, a.rows_per_day)
     out = a.work / "scores"
-    results: dict[int, list[tuple[float, float, float, int]]] = {t: [] for t in a.threads}
+    results: dict[int, list[tuple[float, float, float, int]]] = {t: [] for t in a.workers}
     for i in range(a.runs):
-        for threads in a.threads:           # alternating, so that both settings see the same machine
+        for threads in a.workers:           # alternating, so that both settings see the same machine
             t = time.time()
             sh([sys.executable, "-m", "deepfm.score", "--model", str(model), "--input", str(feat / "test"), "--output",
-                str(out), "--overwrite", "--batch-size", str(a.batch_size), "--threads", str(threads)])
+                str(out), "--overwrite", "--batch-size", str(a.batch_size), "--workers", str(threads)])
             wall = time.time() - t
             part = json.loads((out / "part-00000-of-00001.json").read_text())
             results[threads].append((wall, part["load_seconds"], part["rows_per_s"], part["rows"]))
-            print(f"run {i + 1}, {threads} thread(s): {part['rows']} rows, wall {wall:.1f} s, model load "
+            print(f"run {i + 1}, {threads} worker(s): {part['rows']} rows, wall {wall:.1f} s, model load "
                   f"{part['load_seconds']:.1f} s, {part['rows_per_s']:,.0f} rows/s after the load", flush=True)
     size = model.stat().st_size / 1e9
     print(f"\n{time.strftime('%Y-%m-%d')}, {cpu()}, {os.cpu_count()} cores; model {size:.2f} GB; batch {a.batch_size}; "
           f"median of {a.runs} cold runs")
-    print("| torch threads | rows | wall s | model load s | rows/s after the load |")
+    print("| workers | rows | wall s | model load s | rows/s after the load |")
     print("| --- | --- | --- | --- | --- |")
     for threads, rs in results.items():
         print(f"| {threads} | {rs[0][3]:,} | {statistics.median(r[0] for r in rs):.1f} | "

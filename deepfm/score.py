@@ -21,6 +21,8 @@ import logging
 import os
 import sys
 import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -86,15 +88,19 @@ def batches(files: Sequence[Path], columns: Sequence[str], batch_size: int) -> I
 
 
 def score(model: Path, split: Path, output: Path, shard: Shard = Shard(0, 1), batch_size: int = 8192,
-          overwrite: bool = False) -> dict[str, Any]:
+          overwrite: bool = False, workers: int | None = None) -> dict[str, Any]:
     """Score this shard's files of ``split`` into ``output``; returns the part's summary (and, from the
-    process that completes the output, the whole output's under ``"scores"``)."""
+    process that completes the output, the whole output's under ``"scores"``). ``workers`` threads
+    score batches at once (default: the cores), each with one torch thread."""
     import pyarrow as pa
+    import torch
     import pyarrow.parquet as pq
 
     from deepfm.serving import Predictor
 
     t0 = time.time()
+    workers = workers or os.cpu_count() or 1
+    torch.set_num_threads(1)
     try:
         layout.refuse_overlap(("--output", str(output)), ("--input", str(split)), ("--model", str(model)))
     except layout.PathOverlapError as e:
@@ -119,20 +125,35 @@ def score(model: Path, split: Path, output: Path, shard: Shard = Shard(0, 1), ba
                         ("logit", pa.float32()), ("probability", pa.float64())])
     tmp = output / f".{shard.name}.tmp.parquet"
     rows = 0
-    with pq.ParquetWriter(tmp, schema) as w:
+
+    def scored(name: str, start: int, b: Any) -> Any:
+        ids = np.stack([b.column(c).to_numpy() for c in m.field_names], axis=1).astype(np.int64)
+        logit = p.logits_of_ids(ids)
+        n = len(logit)
+        return pa.table({"file": pa.array([name] * n, pa.string()),
+                         "row": pa.array(np.arange(start, start + n), pa.int64()),
+                         "label": b.column(label).cast(pa.int32()), "logit": pa.array(logit),
+                         "probability": pa.array(_probability(logit))}, schema=schema)
+
+    # torch ops release the GIL: ``workers`` threads, each running the graph on one core (torch's own
+    # intra-op threads at 1), keep the cores busy without OpenMP's barriers; batches are written in order
+    with pq.ParquetWriter(tmp, schema) as w, ThreadPoolExecutor(workers) as pool:
+        pending: deque[Future] = deque()
         for name, start, b in batches(mine, [label, *m.field_names], batch_size):
-            ids = np.stack([b.column(c).to_numpy() for c in m.field_names], axis=1).astype(np.int64)
-            logit = p.logits_of_ids(ids)
-            n = len(logit)
-            w.write_table(pa.table({"file": pa.array([name] * n, pa.string()),
-                                    "row": pa.array(np.arange(start, start + n), pa.int64()),
-                                    "label": b.column(label).cast(pa.int32()), "logit": pa.array(logit),
-                                    "probability": pa.array(_probability(logit))}, schema=schema))
-            rows += n
+            pending.append(pool.submit(scored, name, start, b))
+            if len(pending) > 2 * workers:
+                t = pending.popleft().result()
+                w.write_table(t)
+                rows += t.num_rows
+        while pending:
+            t = pending.popleft().result()
+            w.write_table(t)
+            rows += t.num_rows
     os.replace(tmp, part)
     seconds = round(time.time() - t0, 3)
     scoring = time.time() - loaded
     summary: dict[str, Any] = {"shard": f"{shard.index}/{shard.count}", "files": len(mine), "rows": rows,
+                               "workers": workers,
                                "seconds": seconds, "load_seconds": round(loaded - t0, 3),
                                "rows_per_s": round(rows / max(scoring, 1e-9), 1)}
     _write_json(output / f"{shard.name}.json", summary)
@@ -184,13 +205,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--output", required=True, type=Path, help="the scores folder")
     p.add_argument("--shard", default="0/1", help="I/N: score every N-th file from the I-th (default 0/1: all)")
     p.add_argument("--batch-size", type=int, default=8192, help="rows per graph call (default 8192)")
-    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's, the cores)")
+    p.add_argument("--workers", type=int, help="threads scoring batches at once, one core each (default: the cores)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output (with one shard)")
     a = p.parse_args(argv)
-    if a.threads:
-        import torch
-        torch.set_num_threads(a.threads)
-    summary = score(a.model, a.input, a.output, Shard.parse(a.shard), a.batch_size, a.overwrite)
+    summary = score(a.model, a.input, a.output, Shard.parse(a.shard), a.batch_size, a.overwrite, a.workers)
     print(json.dumps(summary, indent=1))
     return summary
 
