@@ -618,7 +618,7 @@ def render(runs: Sequence[Run], out: str | Path, title: str | None = None, extra
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     p = argparse.ArgumentParser(prog="python -m deepfm.report", description=__doc__.split("\n\n")[1].replace("\n", " "))
     p.add_argument("--run", action="append", required=True, help="a finished run folder (repeat for several)")
     p.add_argument("--out", required=True, type=Path, help="the HTML file to write")

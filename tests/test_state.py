@@ -78,3 +78,17 @@ def test_resuming_keeps_the_progress_and_takes_this_launchs_facts():
     assert s.step_in_epoch == 20                         # the same fraction of an epoch twice as long
     assert (s.world_size, s.data, s.weights_from_step) == (1, "/elsewhere", None)
     assert s.history == saved.history and s.history is not saved.history
+
+
+def test_the_loss_curve_is_progress_a_resumed_run_keeps(tmp_path: Path):
+    """deepfm/train.py's rank 0 appends [step, mean loss] to train_loss; a checkpoint keeps it and a resumed
+    run goes on from it (a checkpoint of an older trainer has none)."""
+    saved = _state(global_step=20, train_loss=[[10, 0.69], [20, 0.65]])
+    S.write(tmp_path, saved)
+    back = S.read(tmp_path)
+    assert back.train_loss == [[10, 0.69], [20, 0.65]]
+    s = _state().resumed(back)
+    assert s.train_loss == back.train_loss and s.train_loss is not back.train_loss
+    d = saved.to_json()
+    d.pop("train_loss")
+    assert TrainState.from_json(d).train_loss == []
