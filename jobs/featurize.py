@@ -19,7 +19,7 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from pyspark.sql import SparkSession
 
@@ -96,13 +96,21 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     return o
 
 
-def get_spark() -> SparkSession:
+def get_spark(app: str = "featurize", defaults: Mapping[str, str] | None = None) -> SparkSession:
     """The session: spark-submit's (its --master and --conf), an active one (tests), or local[*] when
-    run as plain ``python jobs/featurize.py``."""
-    from pyspark import SparkContext
-    b = SparkSession.builder.appName("featurize").config("spark.ui.showConsoleProgress", "true")
+    run as plain ``python jobs/featurize.py``. ``app``: the application's name (jobs/score.py's is score);
+    ``defaults``: settings for a new context, each unless the launcher set it (``--conf``)."""
+    from pyspark import SparkConf, SparkContext
+    b = SparkSession.builder.appName(app).config("spark.ui.showConsoleProgress", "true")
     if "PYSPARK_GATEWAY_PORT" not in os.environ and SparkContext._active_spark_context is None:
         b = b.master("local[*]").config("spark.driver.memory", "4g")
+    if defaults and SparkContext._active_spark_context is None:
+        if "PYSPARK_GATEWAY_PORT" in os.environ:
+            SparkContext._ensure_initialized()      # spark-submit's JVM, whose properties hold its --conf
+        launched = SparkConf()
+        for k, v in defaults.items():
+            if not launched.contains(k):
+                b = b.config(k, v)
     spark = b.getOrCreate()
     spark.sparkContext.setLogLevel("WARN")
     return spark

@@ -22,6 +22,10 @@ WRITTEN = "_all"                # STAGING/_all: the one flat write, before its f
 STAGING_INFIX = ".__staging-"   # OUTPUT.__staging-<id>: where a run writes, renamed to OUTPUT at the end
 OLD_INFIX = ".__old-"           # OUTPUT.__old-<id>: the replaced output (--overwrite), deleted after the rename
 
+# --- a scored output (jobs/score.py): SCORES/scores, SCORES/rejects (as above), scores.json, _SUCCESS ---
+SCORED = "scores"               # SCORES/scores: Parquet, per row a key, the label, the logit, the probability
+SCORES_MANIFEST = "scores.json"  # what was scored, with which model, and what was rejected
+
 
 def staging_dir(output: str, token: str) -> str:
     """The staging folder beside ``output``: ``/d/feat``, ``ab12`` -> ``/d/feat.__staging-ab12``."""

@@ -126,21 +126,24 @@ def assign_splits(days: Sequence[int], valid_days: int, test_days: int) -> dict[
 
 class Phases:
     """Names each step of the job in Spark's UI (job description) and in the log, and keeps its seconds
-    for the manifest: where the time of a run went."""
+    for the manifest: where the time of a run went. ``job`` and ``logger``: whose steps (the scoring
+    job's are ``score: ...`` in its own log)."""
 
-    def __init__(self, spark: SparkSession):
+    def __init__(self, spark: SparkSession, job: str = "featurize", logger: logging.Logger | None = None):
         self.sc = spark.sparkContext
         self.seconds: dict[str, float] = {}
+        self.job = job
+        self.log = logger or log
 
     @contextmanager
     def __call__(self, name: str) -> Iterator[None]:
-        self.sc.setJobDescription(f"featurize: {name}")
+        self.sc.setJobDescription(f"{self.job}: {name}")
         t = time.time()
         try:
             yield
         finally:
             self.seconds[name] = round(self.seconds.get(name, 0.0) + time.time() - t, 2)
-        log.info("%s: %.1f s", name, self.seconds[name])
+        self.log.info("%s: %.1f s", name, self.seconds[name])
 
 
 # --- what one step hands the next ------------------------------------------------------------------

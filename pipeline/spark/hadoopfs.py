@@ -39,6 +39,9 @@ class HadoopFS:
             out.append(Entry(path=str(p.toString()), name=str(p.getName())))
         return out
 
+    def is_dir(self, path: str) -> bool:
+        return bool(self._fs.getFileStatus(self._Path(path)).isDirectory())
+
     def data_files(self, path: str) -> tuple[str, ...]:
         """``path`` itself when it is a file; for a folder (of parts) the files in it that Spark reads
         (names starting with ``_`` or ``.`` left out), sorted."""

@@ -239,7 +239,8 @@ def read_records(spark: SparkSession, inputs: DayInputs, contract: FeatureContra
     return union_days(inputs, reader.csv)
 
 
-def check_records(records: DataFrame, contract: FeatureContract, keep: Sequence[str] = ()) -> DataFrame:
+def check_records(records: DataFrame, contract: FeatureContract, keep: Sequence[str] = (),
+                  require_day: bool = True, require_label: bool = True) -> DataFrame:
     """Typed records -> ``day``, ``label``, the contract's fields, ``_bad`` (true for a malformed line)
     and ``keep``.
 
@@ -249,7 +250,12 @@ def check_records(records: DataFrame, contract: FeatureContract, keep: Sequence[
     cannot be read. The same rule runs in the fast path and in :func:`parse_lines`, so both agree on
     which lines are good. ``keep``: more columns, as Spark SQL (a name, or ``expr AS name``).
 
+    Scoring (pipeline.spark.scoring) needs neither a day nor a label: with ``require_day=False`` a day
+    that cannot be read is null rather than a reject, and with ``require_label=False`` an empty label
+    is null (tomorrow's impressions have no clicks yet); a label other than 0, 1 or empty is still bad.
+
         label=1, I1=5.0, C1="a1", _corrupt=null -> _bad=false;  label=2 -> _bad=true
+        label=null -> _bad=true; with require_label=False -> _bad=false
     """
     src = contract.source
     if src.header:   # the header does not fit the schema (its label is a name): drop it wherever it is
@@ -266,14 +272,17 @@ def check_records(records: DataFrame, contract: FeatureContract, keep: Sequence[
     # every string column, the ignored ones too, so both paths parse them all; joined once and searched
     # once per mark (52 searches of short values: 16.4 s against 13.9 s for 2M rows, parse to ids)
     text = "concat_ws(''" + "".join(f", {q(n)}" for n in src.columns if n != contract.label and n not in cont) + ")"
-    bad = " OR ".join([f"{q(CORRUPT)} IS NOT NULL", f"{label} IS NULL", f"NOT ({label} IN (0, 1))",
+    label_bad = ([f"{label} IS NULL", f"NOT ({label} IN (0, 1))"] if require_label
+                 else [f"coalesce(NOT ({label} IN (0, 1)), false)"])
+    bad = " OR ".join([f"{q(CORRUPT)} IS NOT NULL", *label_bad,
                        non_finite_sql(contract), *[f"contains({text}, {m})" for m in BINARY_MARKS],
-                       f"({day}) IS NULL"])
+                       *([f"({day}) IS NULL"] if require_day else [])])
     return records.selectExpr(f"{day} AS `day`", f"{label} AS `label`", *[q(f.name) for f in contract.fields],
                               f"{bad} AS `_bad`", *keep)
 
 
-def parse_lines(lines: DataFrame, contract: FeatureContract) -> DataFrame:
+def parse_lines(lines: DataFrame, contract: FeatureContract, keep: Sequence[str] = (),
+                require_day: bool = True, require_label: bool = True) -> DataFrame:
     """Raw text lines -> the rows of :func:`check_records` with a reject reason and the line itself.
 
     The slow path, for the lines a run has to quarantine (the job reads the text again only when the
@@ -281,9 +290,11 @@ def parse_lines(lines: DataFrame, contract: FeatureContract) -> DataFrame:
     options as :func:`read_records` (``from_csv``), applies the same :func:`check_records` rule, and
     says why: ``binary``, ``column_count``, ``bad_label``, ``non_numeric``, ``bad_day``.
 
-    Input columns: ``value`` (the line) and ``day`` (int, or null when the day comes from a column).
-    Output: ``day``, ``label``, each field, ``_reason`` (null for good rows) and ``_line``
-    (the raw line, for rejects only: its bytes as read, which need not be UTF-8; see :func:`reject_columns`).
+    Input columns: ``value`` (the line) and ``day`` (int, or null when the day comes from a column),
+    and the ``keep`` columns (names), passed through. Output: ``day``, ``label``, each field, ``_reason``
+    (null for good rows), ``_line`` (the raw line, for rejects only: its bytes as read, which need not
+    be UTF-8; see :func:`reject_columns`) and ``keep``. ``require_day`` and ``require_label``: as in
+    :func:`check_records` (scoring passes False for both; then an empty label is not ``bad_label``).
 
         "1\\t5\\t\\ta1" -> label=1, I1=5.0, I2=null, C1="a1", _reason=null
         "x\\t5\\t\\ta1" -> _reason="bad_label"
@@ -291,32 +302,36 @@ def parse_lines(lines: DataFrame, contract: FeatureContract) -> DataFrame:
     src = contract.source
     schema = csv_schema(contract)
     lines = lines.filter(~F.col("value").rlike(BLANK_LINE))
-    parsed = lines.select("day", F.col("value").alias("_line"),
+    parsed = lines.select("day", *keep, F.col("value").alias("_line"),
                           F.from_csv(F.col("value"), schema.simpleString(), csv_options(contract)).alias("_p"))
-    records = parsed.select("day", "_line", *[F.col("_p")[n].alias(n) for n in schema.names])
-    checked = check_records(records, contract, keep=["_line", CORRUPT, f"{non_finite_sql(contract)} AS `_nf`"])
+    records = parsed.select("day", *keep, "_line", *[F.col("_p")[n].alias(n) for n in schema.names])
+    checked = check_records(records, contract, keep=["_line", CORRUPT, f"{non_finite_sql(contract)} AS `_nf`",
+                                                     *[q(k) for k in keep]],
+                            require_day=require_day, require_label=require_label)
     parts = F.split(F.col("_line"), _regex_quote(src.delimiter), -1)
     label_raw = F.try_element_at(parts, F.lit(src.columns.index(contract.label) + 1))
+    good_labels = ("0", "1") if require_label else ("0", "1", "")
     # the raw line's bytes: invalid UTF-8 (which the CSV parser read as U+FFFD), or a mark
     binary = F.expr(" OR ".join(["NOT is_valid_utf8(`_line`)", *[f"contains(`_line`, {m})" for m in BINARY_MARKS]]))
     reason = (F.when(~F.col("_bad"), F.lit(None).cast("string"))
               .when(binary, "binary")
               .when(F.size(parts) != len(src.columns), "column_count")
-              .when(~label_raw.isin("0", "1") | label_raw.isNull(), "bad_label")
+              .when(~label_raw.isin(*good_labels) | label_raw.isNull(), "bad_label")
               .when(F.col(CORRUPT).isNotNull() | F.col("_nf"), "non_numeric")
               .otherwise("bad_day"))
     return checked.select("day", "label", *[F.col(f.name) for f in contract.fields], reason.alias("_reason"),
-                          F.when(F.col("_bad"), F.col("_line")).alias("_line"))
+                          F.when(F.col("_bad"), F.col("_line")).alias("_line"), *keep)
 
 
 def _regex_quote(ch: str) -> str:
     return "\\" + ch if ch in r".^$*+?()[]{}|\\" else ch
 
 
-def reject_columns(line: str = "_line") -> list[Column]:
+def reject_columns(line: str = "_line", names: tuple[str, str] = ("line", "line_bytes")) -> list[Column]:
     """The quarantine's view of a raw line: ``line`` (valid UTF-8 text: the line itself, or with each
     byte that is not UTF-8 written as ``\\xNN``) and ``line_bytes`` (binary: the line's bytes exactly as
-    in the file, without its line terminator).
+    in the file, without its line terminator); ``names``: the two output columns' names (the scoring
+    job's rejects call them ``line_text`` and ``line_bytes``: its ``line`` is the line's number).
 
     Spark's text reader keeps a line's bytes as they are (its strings are UTF-8 bytes, not checked), so
     the cast to binary is lossless, where ``encode(value, 'UTF-8')`` would first decode invalid bytes to
@@ -325,4 +340,4 @@ def reject_columns(line: str = "_line") -> list[Column]:
 
         b"1\\tx" -> line "1\\tx", line_bytes b"1\\tx";  b"\\x00\\xff" -> line "\\x00\\\\xff", line_bytes b"\\x00\\xff"
     """
-    return [F.expr(utf8_escaped(line)).alias("line"), F.col(line).cast("binary").alias("line_bytes")]
+    return [F.expr(utf8_escaped(line)).alias(names[0]), F.col(line).cast("binary").alias(names[1])]

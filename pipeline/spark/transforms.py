@@ -78,13 +78,18 @@ def frequent_ids(ids: DataFrame, fields: Sequence[CategoricalField]) -> DataFram
     return count_ids(ids, fields).filter(F.col("count") >= mins[F.col("field")])
 
 
-def map_rare(ids: DataFrame, vocab: DataFrame, fields: Sequence[CategoricalField]) -> DataFrame:
+def map_rare(ids: DataFrame, vocab: DataFrame, fields: Sequence[CategoricalField],
+             broadcast: bool = False) -> DataFrame:
     """Ids not in the frequent-id vocabulary (field, id) -> 1 (rare); 0 (missing) stays 0.
+    ``broadcast``: join each field's ids as a broadcast (the rows keep their partitions and order: no
+    shuffle; the scoring job's choice, whose vocabulary comes from the model file).
 
         vocab {(C1, 5)}; C1 ids [5, 7, 0] -> [5, 1, 0]
     """
     for f in fields:
         keep = vocab.filter(F.col("field") == f.name).select(F.col("id").alias(f"_v_{f.name}"))
+        if broadcast:
+            keep = F.broadcast(keep)
         ids = ids.join(keep, ids[f.name] == keep[f"_v_{f.name}"], "left")
         ids = ids.withColumn(f.name, F.when(F.col(f.name) == MISSING_ID, F.lit(MISSING_ID))
                              .when(F.col(f"_v_{f.name}").isNull(), F.lit(RARE_ID))
