@@ -15,6 +15,10 @@ output, which is renamed into place (the output is complete or absent):
     -> score in the executors -> write -> count -> quarantine (when there are rejects)
     -> check the reject limit -> scores.json and _SUCCESS -> commit
 
+Counts: the rows scored are the written files' (their footers); the executors count the malformed lines
+they are handed (an accumulator: an Observation is never reported through ``df.rdd``), and only when
+there are some is the text read again to quarantine them, whose files then give the count per reason.
+
 The input is a file or a folder of files in the contract's layout; a file's day comes from its name
 (``source.file_pattern``) when it matches, else it is null: the day is not needed to score, so a line is
 not rejected for it, nor for an empty label (tomorrow's impressions have no clicks yet; the label is null
@@ -35,7 +39,6 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -483,11 +486,13 @@ class RowKey:
     names: tuple[str, ...]
 
 
-def keyed_lines(spark: SparkSession, files: Sequence[InputFile], c: FeatureContract, key: str) -> tuple[DataFrame, RowKey]:
+def keyed_lines(spark: SparkSession, files: Sequence[InputFile], c: FeatureContract,
+                key: str) -> tuple[DataFrame, RowKey]:
     """Lines keyed by the raw text of source column ``key`` (no line numbers needed: one pass fewer)."""
     parts = f"split(`value`, {string_literal(_regex_quote(c.source.delimiter))}, -1)"
+    k = c.source.columns.index(key) + 1
     lines = text_lines(spark, files).selectExpr("value", "CAST(NULL AS INT) AS `day`",
-                                                f"try_element_at({parts}, {c.source.columns.index(key) + 1}) AS `_key`")
+                                                f"try_element_at({parts}, {k}) AS `_key`")
     return lines, RowKey(cols=("_key",), fields=(StructField("_key", StringType()),), out=(f"`_key` AS {q(key)}",),
                          names=(key,))
 
@@ -511,7 +516,8 @@ def score(spark: SparkSession, o: Options, model: Model, fs: HadoopFS, files: li
     blocks: list[Block] | None = None
     if o.key is None:
         with phase("count lines per file block"):
-            blocks, _ = count_blocks(spark, files)
+            blocks, per_file = count_blocks(spark, files)
+        log.info("%d lines (blank ones too) in %d block(s) of %d file(s)", sum(per_file), len(blocks), len(files))
         lines, key = numbered_lines(spark, files, blocks), file_line_key(files)
     else:
         lines, key = keyed_lines(spark, files, c, o.key)
