@@ -74,12 +74,10 @@ def test_scoring_in_shards_gives_the_same_rows_as_one_process(featurized_sampled
                                                               tmp_path: Path):
     import pyarrow.parquet as pq
     whole, parts = tmp_path / "whole", tmp_path / "parts"
-    assert run_module("deepfm.score", "--model", str(exported), "--input", str(featurized_sampled / "test"),
-                      "--output", str(whole)).returncode == 0
-    for i in range(3):
-        r = run_module("deepfm.score", "--model", str(exported), "--input", str(featurized_sampled / "test"),
-                       "--output", str(parts), "--shard", f"{i}/3")
-        assert r.returncode == 0, r.stderr[-2000:]
+    split = featurized_sampled / "test"
+    score.score(exported, split, whole)
+    for i in range(3):                                             # in this process: the same code, no start-up
+        score.score(exported, split, parts, score.Shard.parse(f"{i}/3"), workers=2)
         assert (parts / layout.SUCCESS).exists() == (i == 2)      # the last part completes the output
     key = ["file", "row"]
     a = pq.read_table(whole / "part-00000-of-00001.parquet").to_pandas().sort_values(key).reset_index(drop=True)
