@@ -25,6 +25,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.machine import cpu_name  # noqa: E402
 
 
 def sh(cmd: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -55,13 +58,6 @@ def make_model(work: Path, rows_per_day: int) -> tuple[Path, Path]:
     return model, feat
 
 
-def cpu() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "?"
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--work", type=Path, default=Path("/tmp/clickpipe-bench/score"))
@@ -85,7 +81,7 @@ def main() -> None:
             print(f"run {i + 1}, {threads} worker(s): {part['rows']} rows, wall {wall:.1f} s, model load "
                   f"{part['load_seconds']:.1f} s, {part['rows_per_s']:,.0f} rows/s after the load", flush=True)
     size = model.stat().st_size / 1e9
-    print(f"\n{time.strftime('%Y-%m-%d')}, {cpu()}, {os.cpu_count()} cores; model {size:.2f} GB; batch {a.batch_size}; "
+    print(f"\n{time.strftime('%Y-%m-%d')}, {cpu_name()}, {os.cpu_count()} cores; model {size:.2f} GB; batch {a.batch_size}; "
           f"median of {a.runs} cold runs")
     print("| workers | rows | wall s | model load s | rows/s after the load |")
     print("| --- | --- | --- | --- | --- |")

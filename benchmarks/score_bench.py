@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.featurize_bench import cpu_name  # noqa: E402
+from benchmarks.machine import cpu_name  # noqa: E402
 from pipeline import manifest as M  # noqa: E402
 from pipeline.contract import load_contract  # noqa: E402
 from pipeline.generate import generate  # noqa: E402

@@ -28,7 +28,6 @@ import asyncio
 import gc
 import json
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -42,15 +41,9 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from benchmarks.machine import cpu_name  # noqa: E402
 from deepfm.serving import Predictor  # noqa: E402
 from pipeline.rows import split_line  # noqa: E402
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
 
 
 def percentiles(seconds: Sequence[float]) -> tuple[float, float]:
