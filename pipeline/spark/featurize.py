@@ -27,7 +27,7 @@ import time
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence, TypeVar
 
 from pyspark.sql import Column, DataFrame, Observation, SparkSession
 from pyspark.sql import functions as F
@@ -222,10 +222,22 @@ def run(spark: SparkSession, o: Options) -> Manifest:
     reused = load_reuse(spark, o.reuse, c) if o.reuse else None
     inputs = find_inputs(in_fs, in_fs.qualify(o.input), o)
 
+    return staged(fs, out, o.overwrite, lambda staging: featurize(spark, o, fs, inputs, staging, reused, t0))
+
+
+T = TypeVar("T")
+
+
+def staged(fs: HadoopFS, out: str, overwrite: bool, build: Callable[[str], T]) -> T:
+    """``build(staging)`` writes a whole output into a staging folder beside ``out``, which is then renamed
+    into place (:func:`commit`): the output is complete or absent. On a failure the staging folder is
+    deleted, except after a :class:`RejectLimitError` (it then holds the rejects, and the message names
+    it); a file Spark cannot read (a truncated ``.gz``) becomes one FeaturizeError line naming it. The
+    featurize and scoring jobs both end this way."""
     staging = layout.staging_dir(out, uuid.uuid4().hex[:8])
     try:
-        m = featurize(spark, o, fs, inputs, staging, reused, t0)
-        commit(fs, staging, out, o.overwrite)
+        result = build(staging)
+        commit(fs, staging, out, overwrite)
     except RejectLimitError:
         raise                                  # its staging folder holds the rejects; the message names it
     except BaseException as e:
@@ -235,7 +247,7 @@ def run(spark: SparkSession, o: Options) -> Manifest:
         if failure is not None:
             raise failure from None
         raise
-    return m
+    return result
 
 
 def find_inputs(fs: HadoopFS, input_dir: str, o: Options) -> DayInputs:

@@ -63,8 +63,8 @@ from pipeline import layout
 from pipeline import manifest as M
 from pipeline.contract import CategoricalField, FeatureContract
 from pipeline.layout import PathOverlapError, refuse_overlap
-from pipeline.spark.errors import FeaturizeError, RejectLimitError, read_failure
-from pipeline.spark.featurize import Phases, commit
+from pipeline.spark.errors import FeaturizeError, RejectLimitError
+from pipeline.spark.featurize import Phases, staged
 from pipeline.spark.hadoopfs import HadoopFS
 from pipeline.spark.records import REASONS, _regex_quote, parse_lines, reject_columns
 from pipeline.spark.sql import pack_ids_binary, q, string_literal, unpack_ids_binary
@@ -456,19 +456,7 @@ def run(spark: SparkSession, o: Options) -> ScoresManifest:
              model.path)
     log.info("%d input file(s): %s", len(files), ", ".join(names[:10]) + (f", ... ({len(names) - 10} more)"
                                                                           if len(names) > 10 else ""))
-    staging = layout.staging_dir(out, uuid.uuid4().hex[:8])
-    try:
-        s = score(spark, o, model, fs, files, staging, t0)
-        commit(fs, staging, out, o.overwrite)
-    except RejectLimitError:
-        raise                                  # its staging folder holds the rejects; the message names it
-    except BaseException as e:
-        if fs.exists(staging):
-            fs.delete(staging)
-        failure = read_failure(e)              # an unreadable input file (a truncated .gz): one line, no trace
-        if failure is not None:
-            raise failure from None
-        raise
+    s = staged(fs, out, o.overwrite, lambda staging: score(spark, o, model, fs, files, staging, t0))
     log.info("%s -> %s", s.summary_line(), out)
     if s.rejects.total:
         log.info("the rejected lines, their reasons, files and line numbers: %s/%s", out, layout.REJECTS)
