@@ -26,6 +26,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 import time
 import warnings
@@ -180,11 +181,13 @@ def golden_rows(m: Manifest, featurizer: RowFeaturizer, n_lines: int) -> list[di
     c = m.contract
     rows: list[dict[str, str | None]] = []
     test_days = set(m.splits["test"].days) if "test" in m.splits else set()
+    rx = re.compile(c.source.file_pattern)            # the day of a file, as featurize read it
     for path in m.input.files:
         local = layout.local_path(path)
         if len(rows) >= n_lines or local is None or not os.path.isfile(local):
             continue
-        if test_days and not any(f"_{d}" in os.path.basename(local) for d in test_days):
+        day = rx.search(os.path.basename(local)) if c.source.day_from == "file_name" else None
+        if test_days and day is not None and int(day.group(1)) not in test_days:
             continue
         rows += _good_rows(local, c, featurizer, n_lines - len(rows))
     feats = [f.name for f in c.fields]

@@ -96,7 +96,7 @@ def score(model: Path, split: Path, output: Path, shard: Shard = Shard(0, 1), ba
     import torch
     import pyarrow.parquet as pq
 
-    from deepfm.serving import Predictor
+    from deepfm.serving import Predictor, probability
 
     t0 = time.time()
     workers = workers or os.cpu_count() or 1
@@ -133,7 +133,7 @@ def score(model: Path, split: Path, output: Path, shard: Shard = Shard(0, 1), ba
         return pa.table({"file": pa.array([name] * n, pa.string()),
                          "row": pa.array(np.arange(start, start + n), pa.int64()),
                          "label": b.column(label).cast(pa.int32()), "logit": pa.array(logit),
-                         "probability": pa.array(_probability(logit))}, schema=schema)
+                         "probability": pa.array(probability(logit))}, schema=schema)
 
     # torch ops release the GIL: ``workers`` threads, each running the graph on one core (torch's own
     # intra-op threads at 1), keep the cores busy without OpenMP's barriers; batches are written in order
@@ -163,11 +163,6 @@ def score(model: Path, split: Path, output: Path, shard: Shard = Shard(0, 1), ba
     if done is not None:
         summary["scores"] = done
     return summary
-
-
-def _probability(logit: np.ndarray) -> np.ndarray:
-    from deepfm.serving import probability
-    return probability(logit)
 
 
 def complete(output: Path, count: int, fingerprint: str, model: Path, split: Path, m: Manifest) -> dict | None:

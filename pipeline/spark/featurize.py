@@ -482,14 +482,23 @@ def log_counts(plan: DayPlan, splits: Mapping[str, M.SplitInfo], lines: int, rej
 def check_reject_limit(fs: HadoopFS, c: FeatureContract, staging: str, lines: int, rejects: Mapping[str, int]) -> None:
     """More malformed lines than ``quality.max_reject_fraction`` allows: :class:`RejectLimitError`, with
     the staging folder kept holding only the rejects (and their reasons) for inspection."""
-    n_rejects = sum(rejects.values())
-    if lines and n_rejects / lines > c.quality.max_reject_fraction:
-        for s in (*SPLITS, layout.VOCAB):
+    limit = c.quality.max_reject_fraction
+    refuse_over_reject_limit(fs, staging, lines, sum(rejects.values()), limit, (*SPLITS, layout.VOCAB),
+                             f"quality.max_reject_fraction={limit}")
+
+
+def refuse_over_reject_limit(fs: HadoopFS, staging: str, lines: int, n_rejects: int, limit: float,
+                             written: Sequence[str], allowed: str) -> None:
+    """When ``n_rejects / lines`` is over ``limit``: delete the ``written`` folders of ``staging``, so that
+    it holds only the rejects, and raise :class:`RejectLimitError` naming the setting (``allowed``) and the
+    rejects' folder. The featurize and scoring jobs' limit."""
+    if lines and n_rejects / lines > limit:
+        for s in written:
             if fs.exists(f"{staging}/{s}"):
                 fs.delete(f"{staging}/{s}")
         raise RejectLimitError(
             f"{n_rejects} of {lines} lines ({100 * n_rejects / lines:.2f}%) are malformed, more than "
-            f"quality.max_reject_fraction={c.quality.max_reject_fraction}; nothing was committed. "
+            f"{allowed}; nothing was committed. "
             f"The rejected lines and reasons are in {staging}/{layout.REJECTS}")
 
 

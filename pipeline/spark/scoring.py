@@ -63,8 +63,8 @@ from pipeline import layout
 from pipeline import manifest as M
 from pipeline.contract import CategoricalField, FeatureContract
 from pipeline.layout import PathOverlapError, refuse_overlap
-from pipeline.spark.errors import FeaturizeError, RejectLimitError
-from pipeline.spark.featurize import Phases, staged
+from pipeline.spark.errors import FeaturizeError
+from pipeline.spark.featurize import Phases, refuse_over_reject_limit, staged
 from pipeline.spark.hadoopfs import HadoopFS
 from pipeline.spark.records import REASONS, _regex_quote, parse_lines, reject_columns
 from pipeline.spark.sql import pack_ids_binary, q, string_literal, unpack_ids_binary
@@ -589,12 +589,8 @@ def quarantine(spark: SparkSession, model: Model, files: Sequence[InputFile], bl
 
 
 def check_reject_limit(fs: HadoopFS, staging: str, lines: int, n_rejects: int, limit: float) -> None:
-    """More malformed lines than ``limit`` allows: :class:`RejectLimitError`, with the staging folder kept
+    """More malformed lines than ``limit`` allows: ``RejectLimitError``, with the staging folder kept
     holding only the rejects (and their reasons) for inspection."""
-    if lines and n_rejects / lines > limit:
-        if fs.exists(f"{staging}/{layout.SCORED}"):
-            fs.delete(f"{staging}/{layout.SCORED}")
-        raise RejectLimitError(
-            f"{n_rejects} of {lines} lines ({100 * n_rejects / lines:.2f}%) are malformed, more than the allowed "
-            f"fraction {limit} (--max-reject-fraction, or the model's contract's quality.max_reject_fraction); "
-            f"nothing was committed. The rejected lines and reasons are in {staging}/{layout.REJECTS}")
+    refuse_over_reject_limit(fs, staging, lines, n_rejects, limit, (layout.SCORED,),
+                             f"the allowed fraction {limit} (--max-reject-fraction, or the model's contract's "
+                             "quality.max_reject_fraction)")
