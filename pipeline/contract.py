@@ -31,6 +31,8 @@ NEGATIVE_ID = 1
 RESERVED_IDS = 2
 BUCKETINGS = ("log_square", "quantile")
 DAY_FROM = ("file_name", "column")
+SIDES = ("user", "item", "context")     # recall's towers: context goes with the user
+POOLINGS = ("sum", "mean")
 
 
 class ContractError(C.ConfigError):
@@ -38,13 +40,28 @@ class ContractError(C.ConfigError):
 
 
 @dataclass(frozen=True)
+class ListSpec:
+    """A list-valued categorical column (e.g. an item's genres ``Comedy|Drama``): the column's text is
+    split at ``delimiter``, each element hashed as a value of the field, the first ``max_length`` kept,
+    and the field's embedding is the ``pooling`` (sum or mean) of the elements' rows. An empty or
+    missing list is the one id 0 (missing)."""
+
+    delimiter: str
+    pooling: str = "sum"
+    max_length: int = 32
+
+
+@dataclass(frozen=True)
 class CategoricalField:
-    """A categorical field: values are hashed to ids in [2, hash_buckets)."""
+    """A categorical field: values are hashed to ids in [2, hash_buckets). ``list``: list-valued (ListSpec).
+    ``side``: which tower of a recall model reads it (user, item, or context = the user's)."""
 
     name: str
     hash_buckets: int
     embedding_dim: int
     min_count: int = 0
+    side: str = "context"
+    list: ListSpec | None = None
     kind: str = field(default="categorical", init=False)
 
     @property
@@ -65,6 +82,7 @@ class ContinuousField:
     bucketing: str
     num_buckets: int
     embedding_dim: int
+    side: str = "context"
     kind: str = field(default="continuous", init=False)
 
     @property
@@ -114,6 +132,19 @@ class Quality:
 
 
 @dataclass(frozen=True)
+class Recall:
+    """A recall (two-tower) contract: which categorical fields are the user's and the item's key.
+
+    ``random_negatives``: per train positive, this many items drawn from the whole catalogue (uniformly)
+    are written as labelled negatives with their sampling probability, for the pointwise mode; 0 = none
+    (the in-batch softmax needs only the positives)."""
+
+    user_key: str
+    item_key: str
+    random_negatives: int = 0
+
+
+@dataclass(frozen=True)
 class FeatureContract:
     name: str
     source: Source
@@ -123,6 +154,7 @@ class FeatureContract:
     splits: Splits
     output: Output
     quality: Quality
+    recall: Recall | None = None
 
     @property
     def field_names(self) -> tuple[str, ...]:
@@ -135,6 +167,12 @@ class FeatureContract:
     @property
     def continuous(self) -> tuple[ContinuousField, ...]:
         return tuple(f for f in self.fields if isinstance(f, ContinuousField))
+
+    def side(self, side: str) -> tuple[Field, ...]:
+        """The fields of one side, in contract order: ``side("user")`` is the user tower's (user and
+        context fields), ``side("item")`` the item tower's."""
+        want = ("user", "context") if side == "user" else (side,)
+        return tuple(f for f in self.fields if f.side in want)
 
     def field(self, name: str) -> Field:
         for f in self.fields:
@@ -161,6 +199,10 @@ class FeatureContract:
         d = self.to_dict()
         keep = {k: d[k] for k in ("version", "source", "label", "fields")}
         keep["source"] = {k: v for k, v in keep["source"].items() if k in ("columns", "ignore")}
+        # Keys added after version 1 enter only when set, so older contracts keep their fingerprints.
+        # ``side`` decides which tower reads a field, not what its ids mean: it is left out.
+        keep["fields"] = [{k: v for k, v in f.items() if k != "side" and not (k == "list" and v is None)}
+                          for f in keep["fields"]]
         blob = json.dumps(keep, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -185,11 +227,13 @@ class FeatureContract:
 # --- parsing ---------------------------------------------------------------------------------
 
 _TOP_KEYS = {"version", "name", "source", "label", "continuous", "categorical", "sampling", "splits",
-             "output", "quality"}
+             "output", "quality", "recall"}
 _SOURCE_KEYS = {"format", "delimiter", "header", "columns", "day_from", "file_pattern", "day_column",
                 "day_format", "ignore"}
-_CONT_KEYS = {"bucketing", "num_buckets", "embedding_dim"}
-_CAT_KEYS = {"hash_buckets", "embedding_dim", "min_count"}
+_CONT_KEYS = {"bucketing", "num_buckets", "embedding_dim", "side"}
+_CAT_KEYS = {"hash_buckets", "embedding_dim", "min_count", "side", "list"}
+_LIST_KEYS = {"delimiter", "pooling", "max_length"}
+_RECALL_KEYS = {"user_key", "item_key", "random_negatives"}
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -251,6 +295,8 @@ def parse_contract(data: Any) -> FeatureContract:
             raise ContractError(f"{where}: no column {f.name!r} in source.columns")
         if f.name in (label, source.day_column) or f.name in source.ignore:
             raise ContractError(f"{where}: column {f.name!r} is also the label, day column or ignored")
+        if isinstance(f, CategoricalField) and f.list is not None and f.list.delimiter == source.delimiter:
+            raise ContractError(f"{where}.list.delimiter: {f.list.delimiter!r} is also source.delimiter")
     declared = seen | {label} | set(source.ignore) | ({source.day_column} if source.day_column else set())
     undeclared = [c for c in source.columns if c not in declared]
     if undeclared:
@@ -270,8 +316,34 @@ def parse_contract(data: Any) -> FeatureContract:
     q = _mapping(top.get("quality", {}), "quality", {"max_reject_fraction"})
     quality = Quality(max_reject_fraction=_float(q.get("max_reject_fraction", 0.01), "quality.max_reject_fraction",
                                                  0.0, 1.0))
+    recall = _parse_recall(top.get("recall"), fields, source)
     return FeatureContract(name=name, source=source, label=label, fields=tuple(fields), sampling=sampling,
-                           splits=splits, output=output, quality=quality)
+                           splits=splits, output=output, quality=quality, recall=recall)
+
+
+def _parse_recall(raw: Any, fields: Sequence[Field], source: Source) -> Recall | None:
+    if raw is None:
+        return None
+    r = _mapping(raw, "recall", _RECALL_KEYS, required={"user_key", "item_key"})
+    by_name = {f.name: f for f in fields}
+    keys = {}
+    for key, side in (("user_key", "user"), ("item_key", "item")):
+        name = _str(r[key], f"recall.{key}")
+        f = by_name.get(name)
+        if not isinstance(f, CategoricalField):
+            raise ContractError(f"recall.{key}: {name!r} is not a categorical field of the contract")
+        if f.side != side:
+            raise ContractError(f"recall.{key}: field {name!r} has side {f.side!r}; the {side} key must have side {side!r}")
+        if f.list is not None:
+            raise ContractError(f"recall.{key}: field {name!r} is list-valued; a key is one value")
+        if f.min_count:
+            raise ContractError(f"recall.{key}: field {name!r} has min_count {f.min_count}; a key keeps every value "
+                                "(its ids must tell items apart)")
+        keys[key] = name
+    if not [f for f in fields if f.side == "item"] or not [f for f in fields if f.side != "item"]:
+        raise ContractError("recall: a recall contract needs fields of side item and of side user/context")
+    return Recall(user_key=keys["user_key"], item_key=keys["item_key"],
+                  random_negatives=_int(r.get("random_negatives", 0), "recall.random_negatives", 0, 1000))
 
 
 def _parse_source(raw: Any) -> Source:
@@ -344,7 +416,8 @@ def _make_continuous(name: str, m: Mapping[str, Any], where: str) -> ContinuousF
         raise ContractError(f"{where}.bucketing: {bucketing!r} is not one of {BUCKETINGS}")
     return ContinuousField(name=name, bucketing=bucketing,
                            num_buckets=_int(m.get("num_buckets", 64), f"{where}.num_buckets", 2, 1 << 20),
-                           embedding_dim=_dim(m.get("embedding_dim"), f"{where}.embedding_dim"))
+                           embedding_dim=_dim(m.get("embedding_dim"), f"{where}.embedding_dim"),
+                           side=_side(m.get("side", "context"), f"{where}.side"))
 
 
 def _make_categorical(name: str, m: Mapping[str, Any], where: str) -> CategoricalField:
@@ -352,7 +425,29 @@ def _make_categorical(name: str, m: Mapping[str, Any], where: str) -> Categorica
                             hash_buckets=_int(m.get("hash_buckets"), f"{where}.hash_buckets", RESERVED_IDS + 1,
                                               (1 << 31) - 1),
                             embedding_dim=_dim(m.get("embedding_dim"), f"{where}.embedding_dim"),
-                            min_count=_int(m.get("min_count", 0), f"{where}.min_count", 0))
+                            min_count=_int(m.get("min_count", 0), f"{where}.min_count", 0),
+                            side=_side(m.get("side", "context"), f"{where}.side"),
+                            list=_list_spec(m.get("list"), f"{where}.list"))
+
+
+def _side(raw: Any, where: str) -> str:
+    if raw not in SIDES:
+        raise ContractError(f"{where}: {raw!r} is not one of {', '.join(SIDES)}")
+    return str(raw)
+
+
+def _list_spec(raw: Any, where: str) -> ListSpec | None:
+    if raw is None:
+        return None
+    m = _mapping(raw, where, _LIST_KEYS, required={"delimiter"})
+    delimiter = _str(m["delimiter"], f"{where}.delimiter")
+    if len(delimiter) != 1:
+        raise ContractError(f"{where}.delimiter: must be one character, got {delimiter!r}")
+    pooling = m.get("pooling", "sum")
+    if pooling not in POOLINGS:
+        raise ContractError(f"{where}.pooling: {pooling!r} is not one of {', '.join(POOLINGS)}")
+    return ListSpec(delimiter=delimiter, pooling=pooling,
+                    max_length=_int(m.get("max_length", 32), f"{where}.max_length", 1, 4096))
 
 
 # --- small validators; every message starts with the key -------------------------------------
@@ -412,6 +507,10 @@ def _to_raw(c: FeatureContract) -> dict[str, Any]:
         for f in c.fields:
             if f.kind == kind:
                 d = {x.name: getattr(f, x.name) for x in dc_fields(f) if x.init and x.name != "name"}
+                if d.get("list") is None:
+                    d.pop("list", None)
+                else:
+                    d["list"] = asdict(d["list"])
                 out[f.name] = d
         return out
 
@@ -422,7 +521,7 @@ def _to_raw(c: FeatureContract) -> dict[str, Any]:
     return {"version": CONTRACT_VERSION, "name": c.name, "source": src, "label": c.label,
             "continuous": {"fields": fields_of("continuous")}, "categorical": {"fields": fields_of("categorical")},
             "sampling": asdict(c.sampling), "splits": asdict(c.splits), "output": asdict(c.output),
-            "quality": asdict(c.quality)}
+            "quality": asdict(c.quality), **({"recall": asdict(c.recall)} if c.recall else {})}
 
 
 def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:

@@ -18,6 +18,11 @@ MANIFEST = "manifest.json"      # the featurized data's manifest (pipeline.manif
 # (train/, valid/, test/ are pipeline.manifest.SPLITS)
 VOCAB = "vocab"                 # OUTPUT/vocab: the frequent ids of the min_count fields
 REJECTS = "rejects"             # OUTPUT/rejects: the malformed lines, their day and reason
+CATALOGUE = "catalogue"         # OUTPUT/catalogue (recall contracts): one row per item, featurized
+SEEN = "seen"                   # OUTPUT/seen (recall): each user's items of the days before the held-out day
+USERS = "users"                 # OUTPUT/users (recall): user_index and the raw user key
+USER_INDEX = "user_index"       # recall splits' dense index of the raw user key (hash ids may collide)
+ITEM_INDEX = "item_index"       # ... and of the raw item key: the catalogue's row
 WRITTEN = "_all"                # STAGING/_all: the one flat write, before its files move into the splits
 STAGING_INFIX = ".__staging-"   # OUTPUT.__staging-<id>: where a run writes, renamed to OUTPUT at the end
 OLD_INFIX = ".__old-"           # OUTPUT.__old-<id>: the replaced output (--overwrite), deleted after the rename

@@ -46,6 +46,13 @@ class FieldInfo:
     embedding_dim: int
     bucketing: str | None = None        # continuous: log_square | quantile
     min_count: int | None = None        # categorical
+    side: str = "context"               # user | item | context (recall's towers; context is the user's)
+    pooling: str | None = None          # list-valued categorical: sum | mean (the column is a list of ids)
+    max_length: int | None = None       # list-valued: at most this many ids a row
+
+    @property
+    def is_list(self) -> bool:
+        return self.pooling is not None
 
 
 @dataclass(frozen=True)
@@ -98,6 +105,23 @@ class InputInfo:
 
 
 @dataclass(frozen=True)
+class RecallInfo:
+    """What a recall contract's featurize run adds (see docs/recall.md): the item catalogue and each
+    user's seen items, and the dense indexes that tell raw keys apart (hash ids may collide)."""
+
+    user_key: str                       # the contract's recall.user_key field
+    item_key: str
+    items: int                          # catalogue rows: distinct raw item keys over all days
+    users: int                          # distinct raw user keys over all days
+    train_positives: int                # the positives the item frequencies count (train days)
+    heldout_split: str = "test"         # the held-out split (the last day)
+    random_negatives: int = 0           # per train positive, items drawn uniformly from the catalogue
+    catalogue: str = layout.CATALOGUE   # OUTPUT/catalogue: one row per item
+    seen: str = layout.SEEN             # OUTPUT/seen: (user_index, item_index) before the held-out day
+    users_path: str = layout.USERS      # OUTPUT/users: user_index, the raw user key
+
+
+@dataclass(frozen=True)
 class Manifest:
     contract: FeatureContract
     contract_fingerprint: str
@@ -117,6 +141,7 @@ class Manifest:
     label_column: str = LABEL_COLUMN
     day_column: str = DAY_COLUMN
     version: int = MANIFEST_VERSION
+    recall: RecallInfo | None = None    # a recall contract's catalogue, seen items and indexes
 
     @property
     def field_names(self) -> tuple[str, ...]:
@@ -176,9 +201,12 @@ class Manifest:
 
 def fields_of(contract: FeatureContract) -> tuple[FieldInfo, ...]:
     """The contract's fields as the manifest records them, in contract order."""
-    return tuple(FieldInfo(f.name, f.kind, f.num_embeddings, f.embedding_dim,
-                           bucketing=getattr(f, "bucketing", None), min_count=getattr(f, "min_count", None))
-                 for f in contract.fields)
+    def one(f: Any) -> FieldInfo:
+        ls = getattr(f, "list", None)
+        return FieldInfo(f.name, f.kind, f.num_embeddings, f.embedding_dim,
+                         bucketing=getattr(f, "bucketing", None), min_count=getattr(f, "min_count", None),
+                         side=f.side, pooling=ls.pooling if ls else None, max_length=ls.max_length if ls else None)
+    return tuple(one(f) for f in contract.fields)
 
 
 def write(folder: str | Path, m: Manifest) -> None:
@@ -261,5 +289,5 @@ def decode_typed(tp: Any, v: Any, where: str) -> Any:
 
 
 __all__ = ["MANIFEST_VERSION", "SPLITS", "LABEL_COLUMN", "ManifestError", "FieldInfo", "Vocabulary",
-           "SamplingInfo", "Counts", "SplitInfo", "Rejects", "InputInfo", "Manifest", "fields_of",
+           "SamplingInfo", "Counts", "SplitInfo", "Rejects", "InputInfo", "RecallInfo", "Manifest", "fields_of",
            "write", "read", "is_complete", "open_featurized"]
