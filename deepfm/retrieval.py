@@ -121,6 +121,7 @@ def build_index(vectors: np.ndarray, kind: str = "flat", hnsw_m: int = 32, ef_se
     except ImportError:
         raise RuntimeError("faiss is not installed: pip install faiss-cpu (or use the exact search)") from None
     v = np.ascontiguousarray(vectors, dtype=np.float32)
+    index: Any
     if kind == "flat":
         index = faiss.IndexFlatIP(v.shape[1])
     else:
