@@ -103,8 +103,8 @@ def exact_topk(queries: np.ndarray | torch.Tensor, items: np.ndarray | torch.Ten
                     rows, cols = ex_rows[indptr[qs]:indptr[qe]], ex_cols[indptr[qs]:indptr[qe]]
                     inside = (cols >= s) & (cols < s + block.shape[1])
                     block[torch.from_numpy(rows[inside] - qs), torch.from_numpy(cols[inside] - s)] = -math.inf
-                cand_s = torch.cat([best_s, block], 1)
-                cand_i = torch.cat([best_i, torch.arange(s, s + block.shape[1]).expand(qb.shape[0], -1)], 1)
+                bs, bi = torch.topk(block, min(k, block.shape[1]), dim=1)      # the block's best, then merge
+                cand_s, cand_i = torch.cat([best_s, bs], 1), torch.cat([best_i, bi + s], 1)
                 top_s, top = torch.topk(cand_s, min(k, cand_s.shape[1]), dim=1)
                 best_s, best_i = top_s, cand_i.gather(1, top)
             out_s[qs:qe] = best_s.numpy()
