@@ -20,6 +20,9 @@ Rows are made in fixed-size chunks, each seeded by (seed, day, chunk), so the ou
 any number of worker processes and memory does not grow with the number of rows.
 
     python -m pipeline.generate --out data/raw --days 3 --rows-per-day 100000 --seed 7
+
+A contract with a ``recall`` key (conf/recall.yaml) selects the recall mode (pipeline.generate_recall):
+users and items with side features and a known preference model, ``--users`` / ``--items``.
 """
 from __future__ import annotations
 
@@ -43,6 +46,8 @@ from pipeline.contract import FeatureContract, load_contract
 log = logging.getLogger("pipeline.generate")
 
 CHUNK_ROWS = 50_000          # part of the determinism contract: changing it changes the rows
+RECALL_DAYS = 10             # a recall contract's default set (pipeline.generate_recall): 8 train days,
+RECALL_ROWS_PER_DAY = 300_000  # valid, test; about 12 train clicks a user at 20,000 users
 LATENT_DIM = 4
 _M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 
@@ -301,13 +306,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--out", required=True, type=Path, help="folder for day_<N> files")
     p.add_argument("--config", default=str(Path(__file__).resolve().parent.parent / "conf" / "criteo.yaml"),
                    help="feature contract whose layout to write (default conf/criteo.yaml)")
-    p.add_argument("--days", type=int, default=3, help="how many days (default 3)")
+    p.add_argument("--days", type=int, default=None,
+                   help=f"how many days (default 3; a recall contract: {RECALL_DAYS})")
     p.add_argument("--first-day", type=int, default=0, help="number of the first day (default 0)")
-    p.add_argument("--rows-per-day", type=int, default=100_000)
+    p.add_argument("--rows-per-day", type=int, default=None,
+                   help=f"default 100,000; a recall contract: {RECALL_ROWS_PER_DAY:,}")
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--max-cardinality", type=int, default=2_000_000,
                    help="distinct values of the largest categorical field")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--users", type=int, default=None,
+                   help="a recall contract (pipeline.generate_recall): how many users (default 20,000)")
+    p.add_argument("--items", type=int, default=None, help="a recall contract: how many items (default 5,000)")
     return p.parse_args(argv)
 
 
@@ -315,10 +325,21 @@ def main(argv: Sequence[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     a = parse_args(argv)
     contract = load_contract(a.config)
-    days = list(range(a.first_day, a.first_day + a.days))
-    summary = generate(contract, a.out, days, a.rows_per_day, a.seed, a.workers, a.max_cardinality)
-    rows = a.rows_per_day * len(days)
-    print(f"generated {len(days)} day(s) x {a.rows_per_day} rows into {a.out} in {summary['seconds']} s "
+    if contract.recall is not None:                 # a recall contract: users, items and their clicks
+        from pipeline import generate_recall
+        days = list(range(a.first_day, a.first_day + (a.days or RECALL_DAYS)))
+        rows_per_day = a.rows_per_day or RECALL_ROWS_PER_DAY
+        summary = generate_recall.generate(contract, a.out, days, rows_per_day, a.seed, a.workers,
+                                           users=a.users or generate_recall.DEFAULT_USERS,
+                                           items=a.items or generate_recall.DEFAULT_ITEMS)
+    else:
+        if a.users is not None or a.items is not None:
+            raise ValueError(f"--users / --items: only for a recall contract ({a.config} has no recall key)")
+        days = list(range(a.first_day, a.first_day + (a.days or 3)))
+        rows_per_day = a.rows_per_day or 100_000
+        summary = generate(contract, a.out, days, rows_per_day, a.seed, a.workers, a.max_cardinality)
+    rows = rows_per_day * len(days)
+    print(f"generated {len(days)} day(s) x {rows_per_day} rows into {a.out} in {summary['seconds']} s "
           f"({rows / max(summary['seconds'], 1e-9):,.0f} rows/s)")
     return summary
 
