@@ -5,6 +5,13 @@ featurize job writes one row group per file and at least ``min_row_groups`` of t
 batches come from an endless, seeded stream so that every rank runs the same number of steps (the
 caller decides the count; an uneven shard never leaves a rank without a batch, which would hang the
 collective calls). Evaluation reads each rank's shard once and says when it is exhausted.
+
+List-valued fields (the manifest's ``FieldInfo.pooling``) are Parquet ``list<int32>`` columns: a
+petastorm transform pads each to the field's ``max_length`` and adds its length (petastorm stacks a
+list column into a matrix and refuses ragged lists), and :func:`columns_batch` gives the KJT those
+lengths (single-valued fields keep length 1). A recall output (the manifest's ``recall``) adds
+``user_index``, ``item_index`` and ``day`` to every batch, and ``log_q`` of each row's item from the
+catalogue (:func:`catalogue`).
 """
 from __future__ import annotations
 
@@ -12,9 +19,10 @@ import logging
 import queue
 import threading
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -22,13 +30,32 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from torchrec.streamable import Pipelineable
 
 from deepfm.model import FieldSpec
-from pipeline.manifest import Manifest, ManifestError, open_featurized
+from pipeline import layout
+from pipeline.manifest import FieldInfo, Manifest, ManifestError, open_featurized
 
 log = logging.getLogger("deepfm.inputs")
 
 
 class DataError(RuntimeError):
     pass
+
+
+LENGTH_SUFFIX = "__length"      # the transform's column of a list field's lengths, beside its padded ids
+RECALL_COLUMNS = (layout.USER_INDEX, layout.ITEM_INDEX)
+LOG_Q = "log_q"                 # the catalogue's sampling-bias correction, ln q(item)
+
+
+@dataclass(frozen=True)
+class Catalogue:
+    """The recall output's items, row i = item_index i: each item-side field's ids (a list field's padded,
+    with lengths) and ``log_q``. Read whole by every rank (one row per item)."""
+
+    columns: Mapping[str, np.ndarray]   # item-side field -> ids [N] or padded [N, L]; list fields' lengths too
+    log_q: np.ndarray                   # [N] float32
+
+    @property
+    def items(self) -> int:
+        return len(self.log_q)
 
 
 @dataclass(frozen=True)
@@ -40,7 +67,48 @@ class Dataset:
 
     @property
     def fields(self) -> list[FieldSpec]:
-        return [FieldSpec(f.name, f.num_embeddings, f.embedding_dim) for f in self.manifest.fields]
+        return [FieldSpec.of(f) for f in self.manifest.fields]
+
+    @property
+    def list_fields(self) -> list[FieldInfo]:
+        return [f for f in self.manifest.fields if f.is_list]
+
+    @property
+    def is_recall(self) -> bool:
+        return self.manifest.recall is not None
+
+    @property
+    def day_column(self) -> str:
+        return self.manifest.day_column
+
+    def columns(self) -> list[str]:
+        """The Parquet columns a batch reads: the label, the fields, and a recall output's indexes and day."""
+        extra = [*RECALL_COLUMNS, self.day_column] if self.is_recall else []
+        return [self.label, *self.field_names, *extra]
+
+    @cached_property
+    def catalogue(self) -> Catalogue:
+        """The recall output's catalogue (:class:`DataError` when the data has none), rows by item_index."""
+        r = self.manifest.recall
+        if r is None:
+            raise DataError(f"{self.root}: not a recall output (its contract has no recall key): no catalogue")
+        import pyarrow.parquet as pq
+        item_fields = [f for f in self.manifest.fields if f.side == "item"]
+        t = pq.read_table(self.root / r.catalogue, columns=[layout.ITEM_INDEX, LOG_Q, *[f.name for f in item_fields]])
+        order = np.argsort(t.column(layout.ITEM_INDEX).to_numpy())
+        index = t.column(layout.ITEM_INDEX).to_numpy()[order]
+        if not np.array_equal(index, np.arange(r.items)):
+            raise DataError(f"{self.root / r.catalogue}: item_index is not 0..{r.items - 1} once each (the manifest's "
+                            f"{r.items} items)")
+        cols: dict[str, np.ndarray] = {}
+        for f in item_fields:
+            col = t.column(f.name)
+            if f.is_list:
+                padded, lengths = pad_lists(col.to_pylist(), f.max_length or 1)
+                cols[f.name], cols[f.name + LENGTH_SUFFIX] = padded[order], lengths[order]
+            else:
+                cols[f.name] = col.to_numpy().astype(np.int32)[order]
+        return Catalogue(cols, t.column(LOG_Q).to_numpy().astype(np.float32)[order])
 
     @property
     def field_names(self) -> list[str]:
@@ -90,17 +158,22 @@ class Batch(Pipelineable):
     kjt: KeyedJaggedTensor
     labels: torch.Tensor        # [B] float
     valid: int                  # rows that are real (the rest is padding, in evaluation)
+    recall: dict[str, torch.Tensor] = field(default_factory=dict)   # recall data: user_index, item_index, day [B]
+                                                                    # int64 and log_q [B] float32
 
     def to(self, device: torch.device, non_blocking: bool = True) -> "Batch":
         return Batch(self.kjt.to(device, non_blocking=non_blocking), self.labels.to(device, non_blocking=non_blocking),
-                     self.valid)
+                     self.valid, {k: v.to(device, non_blocking=non_blocking) for k, v in self.recall.items()})
 
     def record_stream(self, stream: torch.Stream) -> None:
         self.kjt.record_stream(stream)
         self.labels.record_stream(stream)
+        for v in self.recall.values():
+            v.record_stream(stream)
 
     def pin_memory(self) -> "Batch":
-        return Batch(self.kjt.pin_memory(), self.labels.pin_memory(), self.valid)
+        return Batch(self.kjt.pin_memory(), self.labels.pin_memory(), self.valid,
+                     {k: v.pin_memory() for k, v in self.recall.items()})
 
 
 def to_batch(ids: np.ndarray, labels: np.ndarray, keys: Sequence[str], valid: int | None = None) -> Batch:
@@ -113,6 +186,72 @@ def to_batch(ids: np.ndarray, labels: np.ndarray, keys: Sequence[str], valid: in
     kjt = KeyedJaggedTensor(keys=list(keys), values=values, lengths=torch.ones(b * f, dtype=torch.int32),
                             stride=b)
     return Batch(kjt, torch.from_numpy(labels.astype(np.float32, copy=False)), b if valid is None else valid)
+
+
+def pad_lists(lists: Sequence[Any], max_length: int) -> tuple[np.ndarray, np.ndarray]:
+    """A list column (arrays or None) -> (ids padded with 0 [N, max_length] int32, lengths [N] int32); the first
+    ``max_length`` ids kept; an empty or missing list is the one id 0 (missing), as the featurize job writes it.
+
+        [[5, 7], [], None, [9]], 3 -> [[5, 7, 0], [0, 0, 0], [0, 0, 0], [9, 0, 0]], [2, 1, 1, 1]
+    """
+    n = len(lists)
+    lengths = np.fromiter((0 if x is None else len(x) for x in lists), np.int64, n)
+    flat = (np.concatenate([np.asarray(x, np.int32) for x in lists if x is not None and len(x)])
+            if lengths.sum() else np.zeros(0, np.int32))
+    rows = np.repeat(np.arange(n), lengths)
+    cols = np.arange(len(flat)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    keep = cols < max_length
+    padded = np.zeros((n, max_length), np.int32)
+    padded[rows[keep], cols[keep]] = flat[keep]
+    return padded, np.maximum(np.minimum(lengths, max_length), 1).astype(np.int32)
+
+
+def columns_batch(cols: Mapping[str, np.ndarray], ds: "Dataset", valid: int | None = None,
+                  log_q: np.ndarray | None = None) -> Batch:
+    """One batch's columns (:func:`_rebatch`) -> a KJT key by key: a single-valued field's ids with length
+    1 each, a list field's real ids (the padding dropped) with their lengths; a recall output's indexes
+    and day, and ``log_q`` of each row's item when given (the catalogue's).
+
+        a [3, 4], b padded [[5, 6], [7, 0]] with lengths [2, 1] -> values [3, 4, 5, 6, 7], lengths [1, 1, 2, 1]
+    """
+    b = len(cols[ds.label])
+    values, lengths = [], []
+    for f in ds.manifest.fields:
+        ids = cols[f.name]
+        if f.is_list:
+            n = cols[f.name + LENGTH_SUFFIX]
+            values.append(ids[np.arange(ids.shape[1]) < n[:, None]])
+            lengths.append(n)
+        else:
+            values.append(ids)
+            lengths.append(np.ones(b, np.int32))
+    kjt = KeyedJaggedTensor(keys=ds.field_names, values=torch.from_numpy(np.concatenate(values).astype(np.int64)),
+                            lengths=torch.from_numpy(np.concatenate(lengths).astype(np.int32)), stride=b)
+    recall = {}
+    if ds.is_recall:
+        recall = {k: torch.from_numpy(cols[k].astype(np.int64)) for k in (*RECALL_COLUMNS, ds.day_column)}
+        if log_q is not None:
+            recall[LOG_Q] = torch.from_numpy(log_q[cols[layout.ITEM_INDEX]].astype(np.float32))
+    return Batch(kjt, torch.from_numpy(cols[ds.label].astype(np.float32)), b if valid is None else valid, recall)
+
+
+def _list_transform(ds: Dataset) -> Any:
+    """The petastorm transform that pads each list field to its max_length and adds its lengths (None when
+    the data has no list field: the reader stays as it was)."""
+    lists = ds.list_fields
+    if not lists:
+        return None
+    from petastorm import TransformSpec
+
+    def pad(df: Any) -> Any:
+        for f in lists:
+            padded, lengths = pad_lists(df[f.name].values, f.max_length or 1)
+            df[f.name] = list(padded)
+            df[f.name + LENGTH_SUFFIX] = lengths
+        return df
+    edits = [e for f in lists for e in ((f.name, np.int32, (f.max_length or 1,), False),
+                                        (f.name + LENGTH_SUFFIX, np.int32, (), False))]
+    return TransformSpec(pad, edit_fields=edits)
 
 
 class _PetastormNoise(logging.Filter):
@@ -140,36 +279,50 @@ def _reader(ds: Dataset, split: str, rank: int, world: int, epochs: int | None, 
     warnings.filterwarnings("ignore", category=UserWarning, module=r"petastorm\.unischema")
     if _NOISE not in _PETASTORM_METADATA_LOG.filters:
         _PETASTORM_METADATA_LOG.addFilter(_NOISE)
-    return make_batch_reader(ds.url(split), schema_fields=[ds.label, *ds.field_names], num_epochs=epochs,
+    return make_batch_reader(ds.url(split), schema_fields=ds.columns(), num_epochs=epochs,
                              cur_shard=rank, shard_count=world, shard_seed=None, seed=seed,
                              shuffle_row_groups=epochs is None, reader_pool_type="thread",
-                             workers_count=workers)
+                             workers_count=workers, transform_spec=_list_transform(ds))
 
 
-def _rebatch(reader, ds: Dataset, batch_size: int, pad_last: bool) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
-    """Row-group chunks -> fixed-size (ids [B, F], labels [B], valid rows) arrays."""
-    names = ds.field_names
-    buf_ids: list[np.ndarray] = []
-    buf_lab: list[np.ndarray] = []
+def _batch_columns(ds: Dataset) -> list[str]:
+    """What a batch holds: :meth:`Dataset.columns` and each list field's lengths."""
+    return [*ds.columns(), *[f.name + LENGTH_SUFFIX for f in ds.list_fields]]
+
+
+def _rebatch(chunks: Iterator[Mapping[str, np.ndarray]], names: Sequence[str], batch_size: int,
+             pad_last: bool) -> Iterator[tuple[dict[str, np.ndarray], int]]:
+    """Chunks of columns (row groups) -> fixed-size batches of the columns ``names`` and their valid rows;
+    the last one padded with zeros (lengths with 1: the one id 0) when ``pad_last``."""
+    buf: dict[str, list[np.ndarray]] = {n: [] for n in names}
     have = 0
-    for chunk in reader:
-        cols = chunk._asdict()
-        ids = np.stack([np.asarray(cols[n]) for n in names], axis=1)
-        buf_ids.append(ids)
-        buf_lab.append(np.asarray(cols[ds.label]))
-        have += len(ids)
+    for cols in chunks:
+        for n in names:
+            buf[n].append(np.asarray(cols[n]))
+        have += len(buf[names[0]][-1])
         if have >= batch_size:
-            all_ids, all_lab = np.concatenate(buf_ids), np.concatenate(buf_lab)
-            n_full = len(all_ids) // batch_size * batch_size
+            whole = {n: np.concatenate(v) for n, v in buf.items()}
+            n_full = have // batch_size * batch_size
             for s in range(0, n_full, batch_size):
-                yield all_ids[s:s + batch_size], all_lab[s:s + batch_size], batch_size
-            buf_ids, buf_lab = [all_ids[n_full:]], [all_lab[n_full:]]
-            have = len(buf_ids[0])
+                yield {n: v[s:s + batch_size] for n, v in whole.items()}, batch_size
+            buf = {n: [v[n_full:]] for n, v in whole.items()}
+            have -= n_full
     if pad_last and have:
-        ids, lab = np.concatenate(buf_ids), np.concatenate(buf_lab)
-        pad = batch_size - len(ids)
-        yield (np.concatenate([ids, np.zeros((pad, ids.shape[1]), ids.dtype)]),
-               np.concatenate([lab, np.zeros(pad, lab.dtype)]), len(ids))
+        out = {}
+        for n, v in buf.items():
+            a = np.concatenate(v)
+            fill = 1 if n.endswith(LENGTH_SUFFIX) else 0
+            out[n] = np.concatenate([a, np.full((batch_size - have, *a.shape[1:]), fill, a.dtype)])
+        yield out, have
+
+
+def _chunks(reader: Any) -> Iterator[dict[str, np.ndarray]]:
+    for chunk in reader:
+        yield chunk._asdict()
+
+
+def _log_q(ds: Dataset) -> np.ndarray | None:
+    return ds.catalogue.log_q if ds.is_recall else None
 
 
 class Prefetcher:
@@ -249,29 +402,51 @@ def train_batches(ds: Dataset, rank: int, world: int, batch_size: int, seed: int
                   depth: int, skip: int = 0) -> Prefetcher:
     """An endless stream of train batches for this rank (row groups reshuffled every pass, seeded);
     the first ``skip`` batches are read and dropped (resuming mid-epoch)."""
-    keys = ds.field_names
+    log_q = _log_q(ds)
 
     def gen() -> Iterator[Batch]:
         with _reader(ds, "train", rank, world, None, seed, workers) as r:
-            for i, (ids, lab, _) in enumerate(_rebatch(r, ds, batch_size, pad_last=False)):
+            for i, (cols, _) in enumerate(_rebatch(_chunks(r), _batch_columns(ds), batch_size, pad_last=False)):
                 if i >= skip:
-                    yield to_batch(ids, lab, keys)
+                    yield columns_batch(cols, ds, log_q=log_q)
     return Prefetcher(gen(), depth)
 
 
 def eval_batches(ds: Dataset, split: str, rank: int, world: int, batch_size: int, workers: int,
                  depth: int) -> Prefetcher:
     """This rank's shard of a split, once, in fixed-size batches (the last one padded)."""
-    keys = ds.field_names
+    log_q = _log_q(ds)
 
     def gen() -> Iterator[Batch]:
         with _reader(ds, split, rank, world, 1, 0, workers) as r:
-            for ids, lab, valid in _rebatch(r, ds, batch_size, pad_last=True):
-                yield to_batch(ids, lab, keys, valid)
+            for cols, valid in _rebatch(_chunks(r), _batch_columns(ds), batch_size, pad_last=True):
+                yield columns_batch(cols, ds, valid, log_q=log_q)
     return Prefetcher(gen(), depth)
 
 
 def dummy_batch(ds: Dataset, batch_size: int) -> Batch:
     """All-missing ids (id 0 is valid in every table), for a rank that has run out of eval rows."""
-    return to_batch(np.zeros((batch_size, len(ds.field_names)), np.int32), np.zeros(batch_size, np.float32),
-                    ds.field_names, valid=0)
+    return columns_batch(_missing(ds, _batch_columns(ds), batch_size), ds, valid=0, log_q=_log_q(ds))
+
+
+def _missing(ds: Dataset, names: Sequence[str], n: int) -> dict[str, np.ndarray]:
+    """``n`` rows of the columns ``names``, every field the one id 0 (a list field's lengths 1)."""
+    return {c: np.full((n, *_shape(ds, c)), 1 if c.endswith(LENGTH_SUFFIX) else 0, np.int32) for c in names}
+
+
+def _shape(ds: Dataset, column: str) -> tuple[int, ...]:
+    """A column's shape beyond the rows: (max_length,) for a list field's padded ids, () otherwise."""
+    f = next((f for f in ds.list_fields if f.name == column), None)
+    return (f.max_length or 1,) if f is not None else ()
+
+
+def catalogue_batches(ds: Dataset, start: int, stop: int, batch_size: int) -> Iterator[Batch]:
+    """Items ``start`` .. ``stop`` - 1 of the catalogue (:attr:`Dataset.catalogue`) as batches whose item-side
+    fields hold the items' ids and every other field id 0 (missing: the item tower reads none of them), the
+    last batch padded; ``item_index`` in ``recall``. A rank's slice of the catalogue for its item vectors."""
+    cat = ds.catalogue
+    names = _batch_columns(ds)
+    cols = _missing(ds, names, stop - start)
+    cols.update({c: v[start:stop] for c, v in cat.columns.items()})
+    cols[layout.ITEM_INDEX] = np.arange(start, stop, dtype=np.int32)
+    return (columns_batch(b, ds, valid) for b, valid in _rebatch(iter([cols]), names, batch_size, pad_last=True))

@@ -72,7 +72,7 @@ def facts(root: Path, m: Manifest, cfg: TrainConfig, world: int) -> TrainState:
     """What a run on this data with these settings is, before any progress."""
     return TrainState(world_size=world, feature_fingerprint=m.feature_fingerprint,
                       contract_fingerprint=m.contract_fingerprint, config=cfg,
-                      fields=tuple(FieldSpec(f.name, f.num_embeddings, f.embedding_dim) for f in m.fields),
+                      fields=tuple(FieldSpec.of(f) for f in m.fields),
                       data=str(root.resolve()), splits=SplitData.of(m))
 
 
@@ -150,6 +150,9 @@ def model_differences(saved: TrainState, now: TrainState) -> tuple[list[str], li
     if has_hidden(a.model) and a.hidden != b.hidden:
         was.append(f"model {a.model} with hidden {','.join(map(str, a.hidden))}")
         asks.append(f"hidden {','.join(map(str, b.hidden))}")
+    if a.model == "two_tower" and (a.tower_hidden, a.tower_dim) != (b.tower_hidden, b.tower_dim):
+        was.append(f"model {a.model} with towers {','.join(map(str, a.tower_hidden))} -> {a.tower_dim}")
+        asks.append(f"towers {','.join(map(str, b.tower_hidden))} -> {b.tower_dim}")
     if a.model == "deepfm_cross" and a.crosses != b.crosses:
         was.append(f"model {a.model} with crosses {_pairs(a.crosses)}")
         asks.append(f"crosses {_pairs(b.crosses)}")

@@ -39,32 +39,52 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 if TYPE_CHECKING:
     from deepfm.inputs import Batch
+    from pipeline.manifest import FieldInfo
 
 FIRST_ORDER_DIM = 4
 PARTS = {"lr": (True, False, False), "fm": (True, True, False), "dnn": (False, False, True),
          "deepfm": (True, True, True)}
 ZOO = ("fnn", "ipnn", "opnn", "pnn_star", "wide_deep", "fm_dnn", "nfm", "deepfm_cross")   # built by deepfm.zoo
-KINDS = (*PARTS, *ZOO)          # every model kind; deepfm.trainconf.MODELS names the same (tests say so)
+TOWERS = ("two_tower",)         # recall: deepfm.two_tower.TwoTower, on the same tables
+KINDS = (*PARTS, *ZOO, *TOWERS)  # every model kind; deepfm.trainconf.MODELS names the same (tests say so)
 
 
 def has_hidden(kind: str) -> bool:
-    """Whether the kind has hidden layers (so ``hidden`` shapes its parameters): all but lr and fm."""
-    return kind in ZOO or PARTS[kind][2]
+    """Whether the kind has hidden layers that ``hidden`` shapes: all but lr, fm and two_tower (whose
+    towers are ``tower_hidden``)."""
+    return kind in ZOO or (kind in PARTS and PARTS[kind][2])
 
 
 @dataclass(frozen=True)
 class FieldSpec:
+    """A field's table as the model builds it, from the manifest's ``FieldInfo`` (:meth:`of`): ``pooling``
+    is how a list-valued field's rows are pooled (a single-valued field has one row: sum), ``side`` which
+    tower of the two-tower model reads it (user, item, or context = the user's)."""
+
     name: str
     num_embeddings: int
     embedding_dim: int
+    pooling: str = "sum"
+    side: str = "context"
+
+    @classmethod
+    def of(cls, info: "FieldInfo") -> "FieldSpec":
+        return cls(info.name, info.num_embeddings, info.embedding_dim, info.pooling or "sum", info.side)
 
 
 def table_name(field: str) -> str:
     return f"t_{field}"
 
 
+POOLINGS = {"sum": PoolingType.SUM, "mean": PoolingType.MEAN}
+
+
 class SparseArch(nn.Module):
     """KJT with one id per field per row -> V [B, F, D] and the first-order weights' 4 parts [B, F, 4].
+
+    A list-valued field (``pooling`` sum or mean) has any number of ids a row; its table pools their rows
+    (TorchRec's ``PoolingType``), so it is one [D + 4] vector a row like any other field, and every model
+    reads [B, F, D] unchanged: genres [Comedy, Drama] with mean pooling -> (row_Comedy + row_Drama) / 2.
 
     ``latents`` > 1 widens every row to ``latents`` latent vectors side by side, V [B, F, latents * D]
     (``dim`` is that width): fm_dnn's FM part and deep part each have their own (deepfm.zoo)."""
@@ -82,7 +102,7 @@ class SparseArch(nn.Module):
         self.ebc = EmbeddingBagCollection(
             tables=[EmbeddingBagConfig(name=table_name(f.name), embedding_dim=self.dim + FIRST_ORDER_DIM,
                                        num_embeddings=f.num_embeddings, feature_names=[f.name],
-                                       pooling=PoolingType.SUM,
+                                       pooling=POOLINGS[f.pooling],
                                        weight_init_min=-init_scale if init_scale > 0 else None,
                                        weight_init_max=init_scale if init_scale > 0 else None) for f in fields],
             device=torch.device(device))
@@ -212,8 +232,9 @@ class DeepFM(LogitParts):
                  dense_device: torch.device | str = "cpu", init_scale: float = 0.0,
                  crosses: Sequence[Sequence[str]] = ()):
         super().__init__()
-        if kind not in KINDS:
-            raise ValueError(f"model {kind!r} is not one of {', '.join(KINDS)}")
+        if kind not in KINDS or kind in TOWERS:
+            raise ValueError(f"model {kind!r} is not one of {', '.join(k for k in KINDS if k not in TOWERS)} "
+                             "(two_tower: deepfm.two_tower.TwoTower)")
         self.kind = kind
         if kind in PARTS:
             self.use_first, self.use_fm, self.use_deep = PARTS[kind]

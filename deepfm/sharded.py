@@ -6,7 +6,9 @@
 - Optimizers: the sparse one is fused into backward (FBGEMM: Adagrad / row-wise Adagrad / SGD on the
   CPU, which refuses Adam); dense parameters (MLP, bias) are data-parallel with torch.optim.Adam.
 - The module DistributedModelParallel wraps is the train wrapper :class:`deepfm.model.DeepFMTrain`
-  (``model(batch) -> (loss, (loss, logits, labels))``), so TorchRec's train pipeline can run it.
+  (``model(batch) -> (loss, (loss, logits, labels))``), so TorchRec's train pipeline can run it; for
+  model two_tower :class:`deepfm.two_tower.TwoTowerTrain` over :class:`deepfm.two_tower.TwoTower`, on
+  the same tables (``sparse.ebc``), optimizers and checkpoints.
 - Checkpoints: torch.distributed.checkpoint, keys normalised (no ``module.`` wrappers, no train wrapper)
   so that a checkpoint written at one world size loads at another, and the model's keys are DeepFM's
   own. Folder names come from pipeline.layout: ``checkpoints/step_N`` (model and optimizers) are for
@@ -39,7 +41,8 @@ from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
 from deepfm import state as S
 from deepfm.cluster import Cluster
-from deepfm.model import DeepFM, DeepFMTrain, FieldSpec, table_name
+from deepfm.model import TOWERS, DeepFM, DeepFMTrain, FieldSpec, table_name
+from deepfm.two_tower import TwoTower, TwoTowerTrain
 from deepfm.state import TrainState
 from deepfm.trainconf import TrainConfig
 from pipeline import layout
@@ -54,7 +57,7 @@ class CheckpointError(RuntimeError):
 
 @dataclass
 class Trainable:
-    dmp: DistributedModelParallel       # over DeepFMTrain: dmp(batch) -> (loss, (loss, logits, labels))
+    dmp: DistributedModelParallel       # over DeepFMTrain (TwoTowerTrain): dmp(batch) -> (loss, (loss, logits, labels))
     optimizer: CombinedOptimizer
     plan: Any
 
@@ -62,6 +65,15 @@ class Trainable:
     def model(self) -> DeepFM:
         """The (sharded) DeepFM inside the train wrapper: ``model(kjt) -> logits``, for evaluation."""
         return self.dmp.module.model
+
+    @property
+    def towers(self) -> TwoTower:
+        """The (sharded) TwoTower inside the train wrapper (model two_tower): ``user_vectors(kjt)``,
+        ``item_vectors(kjt)``, for evaluation."""
+        model = self.dmp.module.model
+        if not isinstance(model, TwoTower):
+            raise TypeError(f"the model is a {type(model).__name__}, not a TwoTower")
+        return model
 
     def plan_summary(self) -> dict[str, str]:
         """table -> sharding type, for logs and metrics."""
@@ -76,8 +88,17 @@ def build(fields: Sequence[FieldSpec], cfg: TrainConfig, cluster: Cluster) -> Tr
     """DeepFM in its train wrapper under DistributedModelParallel, with its optimizers. ``cfg.bf16`` is
     taken as resolved (deepfm.cluster.resolve_bf16): only ``True`` turns autocast on."""
     torch.manual_seed(cfg.seed)
-    model = DeepFM(fields, cfg.model, cfg.hidden, cfg.dropout, sparse_device="meta", dense_device=cluster.device,
-                   init_scale=cfg.embedding_init_scale, crosses=cfg.crosses)
+    model: DeepFM | TwoTower
+    wrapper: DeepFMTrain | TwoTowerTrain
+    bf16, device_type = cfg.bf16 is True, cluster.device.type
+    if cfg.model in TOWERS:
+        model = TwoTower(fields, cfg.tower_hidden, cfg.tower_dim, cfg.dropout, sparse_device="meta",
+                         dense_device=cluster.device, init_scale=cfg.embedding_init_scale)
+        wrapper = TwoTowerTrain(model, cfg.loss, cfg.temperature, cfg.embedding_l2, bf16, device_type)
+    else:
+        model = DeepFM(fields, cfg.model, cfg.hidden, cfg.dropout, sparse_device="meta", dense_device=cluster.device,
+                       init_scale=cfg.embedding_init_scale, crosses=cfg.crosses)
+        wrapper = DeepFMTrain(model, cfg.embedding_l2, bf16=bf16, device_type=device_type)
     opt_cls = SPARSE_OPTIMIZERS[cfg.sparse_optimizer]
     sparse_args: dict[str, Any] = {"lr": cfg.sparse_lr}
     if cfg.sparse_optimizer != "sgd":
@@ -104,7 +125,6 @@ def build(fields: Sequence[FieldSpec], cfg: TrainConfig, cluster: Cluster) -> Tr
                         local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", cluster.world)))
     sharders = get_default_sharders()
     planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints)
-    wrapper = DeepFMTrain(model, cfg.embedding_l2, bf16=cfg.bf16 is True, device_type=cluster.device.type)
     plan = planner.collective_plan(wrapper, sharders, dist.GroupMember.WORLD)
     dmp = DistributedModelParallel(module=wrapper, device=cluster.device, plan=plan, sharders=sharders)
     dense = KeyedOptimizerWrapper(dict(in_backward_optimizer_filter(dmp.named_parameters())),

@@ -1,7 +1,7 @@
 """torchrun deepfm/train.py: train DeepFM on featurized Parquet with TorchRec-sharded tables.
 
     torchrun --nproc_per_node=N deepfm/train.py --data FEATURIZED_DIR --out RUN_DIR
-        [--config conf/train.yaml] [--model deepfm|fm|lr|dnn|fnn|ipnn|...] [--epochs E] [--batch-size B]
+        [--config conf/train.yaml] [--model deepfm|fm|lr|dnn|fnn|ipnn|...|two_tower] [--epochs E] [--batch-size B]
         [--warm-start CHECKPOINT_OR_RUN_DIR] [--init-embeddings-from FM_RUN_DIR] [--crosses A:B,...] [...]
 
 A relaunch with the same --out (or torchrun --max-restarts after a worker dies) resumes from the
@@ -9,7 +9,9 @@ latest complete checkpoint in RUN_DIR/checkpoints, at any world size, when it is
 model (else it is refused, exit 2); a finished run is not run again (deepfm/launch.py: what "the same"
 means and what a relaunch does). RUN_DIR/metrics.json gets the valid and test metrics and the training
 throughput; RUN_DIR/tensorboard the event files; RUN_DIR/curves.json and predictions/test.npz what
-python -m deepfm.report draws (deepfm/runfiles.py). Settings, data and run folder are checked before the
+python -m deepfm.report draws (deepfm/runfiles.py). Model two_tower (recall, deepfm/two_tower.py) trains on a
+recall output the same way; its valid and test metrics are recall@K, hit rate@K and NDCG@K over the
+whole catalogue (deepfm/evaluator.py), and early stopping follows recall@K for the first K of recall_k. Settings, data and run folder are checked before the
 process group starts: a refusal is one line, ``train: error: ...``, exit 2 on every rank (under
 torchrun, the root cause at the end of its failure summary).
 """
@@ -39,7 +41,7 @@ import numpy as np
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from deepfm import inputs, launch, runfiles, sharded
-from deepfm.model import has_hidden
+from deepfm.model import TOWERS, has_hidden
 from deepfm.cluster import Cluster, dense_step_timer, init_cluster, log_project_info, resolve_bf16, shutdown
 from deepfm.evaluator import Evaluator
 from deepfm.launch import Start
@@ -196,7 +198,9 @@ class Loop:
                 self.writer.add_scalar("train/loss", loss.item(), s.global_step)
 
     def validate(self) -> bool:
-        """Evaluate on valid, keep the best weights; True when early stopping says stop."""
+        """Evaluate on valid, keep the best weights; True when early stopping says stop. The metric followed
+        is the evaluator's ``select``: AUC, or two_tower's recall@K (the first of ``recall_k``); the state
+        keeps its best value as ``best_auc`` whichever it is."""
         s = self.state
         if self.ds.rows("valid") == 0:          # no valid days (launch.check_data refuses valid days without rows)
             return False
@@ -204,13 +208,14 @@ class Loop:
             m = self.evaluator.evaluate("valid")
         s.history.append({"step": s.global_step, "epoch": s.epoch, **m})
         if self.writer:
-            for k in ("auc", "logloss", "ne", "calibration"):
-                self.writer.add_scalar(f"valid/{k}", m[k], s.global_step)
+            for k, v in m.items():
+                if k not in ("rows", "users") and not k.startswith("random_"):
+                    self.writer.add_scalar(f"valid/{k}", v, s.global_step)
         if self.cluster.is_main:
-            log.info("valid at step %d: auc %.4f logloss %.4f ne %.4f calibration %.3f", s.global_step, m["auc"],
-                     m["logloss"], m["ne"], m["calibration"])
-        if m["auc"] > s.best_auc:
-            s.best_auc, s.best_step, s.bad_evals = m["auc"], s.global_step, 0
+            log.info("valid at step %d: %s", s.global_step, describe(m))
+        score = m[self.evaluator.select]
+        if score > s.best_auc:
+            s.best_auc, s.best_step, s.bad_evals = score, s.global_step, 0
             if self.cfg.keep_best:
                 with self.clock.paused():
                     s.seconds = self.clock.seconds()
@@ -242,7 +247,8 @@ def finish(loop: Loop, test: bool) -> dict:
         "feature_fingerprint": ds.fingerprint, "data": str(ds.root.resolve()), "global_step": s.global_step,
         "train": {"examples": s.examples, "seconds": round(s.seconds, 3),
                   "examples_per_s": round(s.examples / max(s.seconds, 1e-9), 1)},
-        "valid": s.evaluation(weights_from), "valid_best_auc": s.best_auc, "valid_best_step": s.best_step,
+        "valid": s.evaluation(weights_from), f"valid_best_{loop.evaluator.select}": s.best_auc,
+        "valid_best_step": s.best_step,
         "weights_from_step": weights_from, "history": s.history,
         "plan": loop.t.plan_summary(),
     }
@@ -250,7 +256,8 @@ def finish(loop: Loop, test: bool) -> dict:
         result["test"], p, y = loop.evaluator.scored("test")
         if cluster.is_main:
             log.info("test: %s", {k: round(v, 5) for k, v in result["test"].items()})
-            result["test_predictions"] = runfiles.write_predictions(loop.run, "test", p, y)
+            if p is not None and y is not None:
+                result["test_predictions"] = runfiles.write_predictions(loop.run, "test", p, y)
     if cluster.is_main:
         runfiles.write_curves(loop.run, s.train_loss, loop.loss_every)
         tmp = loop.run / f".{layout.METRICS}.tmp"
@@ -273,6 +280,15 @@ def restore_best(t: sharded.Trainable, cluster: Cluster, run: Path, fingerprint:
     if cluster.is_main:
         log.info("restored the weights of step %d (best valid auc) from %s", best_step, ckpt)
     return True
+
+
+def describe(m: dict[str, float]) -> str:
+    """A valid evaluation for the log: ``auc 0.7712 logloss 0.4702 ne 0.8811 calibration 1.012`` (recall:
+    ``recall@50 0.3125 hit_rate@50 0.5000 ndcg@50 0.1875 ...``)."""
+    if "auc" in m:
+        return (f"auc {m['auc']:.4f} logloss {m['logloss']:.4f} ne {m['ne']:.4f} "
+                f"calibration {m['calibration']:.3f}")
+    return " ".join(f"{k} {v:.4f}" for k, v in m.items() if "@" in k and not k.startswith("random_"))
 
 
 class Stopwatch:
@@ -340,6 +356,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     log_project_info()
     a, cfg = parse_args(argv)
     ds = inputs.open_dataset(a.data)
+    check_model_data(cfg, ds)
     run = Path(a.out)
     plan = launch.prepare(run, ds.root, ds.manifest, cfg, int(os.environ.get("WORLD_SIZE", "1")), a.warm_start,
                           test=not a.no_test)
@@ -352,6 +369,21 @@ def main(argv: Sequence[str] | None = None) -> dict:
                      "train on; python -m deepfm.evaluate measures its checkpoint)", run, plan.start.why, layout.METRICS)
         return json.loads((run / layout.METRICS).read_text())
     return train(a, cfg, ds, plan.start)
+
+
+def check_model_data(cfg: TrainConfig, ds: inputs.Dataset) -> None:
+    """Refuse a model the data cannot train: two_tower needs a recall output (a contract with ``recall``:
+    the catalogue, seen items and indexes), and its pointwise loss the featurize job's random negatives."""
+    if cfg.model not in TOWERS:
+        return
+    r = ds.manifest.recall
+    if r is None:
+        raise inputs.DataError(f"{ds.root}: model two_tower needs a recall output (a feature contract with a recall "
+                               "key: docs/recall.md); this data's contract has none")
+    if cfg.loss == "pointwise" and r.random_negatives == 0:
+        raise inputs.DataError(f"{ds.root}: loss pointwise trains on the featurize job's random negatives, and this "
+                               "data has none (recall.random_negatives: 0); featurize with random_negatives > 0, or "
+                               "use loss softmax")
 
 
 REFUSED = (TrainConfigError, inputs.DataError, sharded.CheckpointError, launch.LaunchError)

@@ -15,10 +15,11 @@ from typing import Any, Mapping, Sequence
 from pipeline import config as C
 
 MODELS = ("deepfm", "fm", "lr", "dnn", "fnn", "ipnn", "opnn", "pnn_star", "wide_deep", "fm_dnn", "nfm",
-          "deepfm_cross")      # deepfm.model.KINDS (the tests check they agree); formulas in deepfm/zoo.py
+          "deepfm_cross", "two_tower")      # deepfm.model.KINDS (the tests check they agree); formulas in deepfm/zoo.py
 SPARSE_OPTIMIZERS = ("adagrad", "rowwise_adagrad", "sgd")
 SHARDING_TYPES = ("table_wise", "row_wise", "column_wise", "table_row_wise", "data_parallel")
 TRAIN_PIPELINES = ("auto", "sparse_dist", "plain")
+TOWER_LOSSES = ("softmax", "pointwise")
 DEFAULT_TRAIN_CONFIG = Path(__file__).resolve().parent.parent / "conf" / "train.yaml"
 
 
@@ -37,6 +38,15 @@ def _crosses(v: Any, where: str) -> Any:
         if key in seen:
             raise C.ConfigError(f"{where}[{i}]: {list(pair)} is {where}[{seen[key]}] again")
         seen[key] = i
+    return v
+
+
+def _recall_k(v: Any, where: str) -> Any:
+    """At least one K, no K twice (the first is early stopping's)."""
+    if not v:
+        raise C.ConfigError(f"{where}: name at least one K, e.g. [50, 10, 100]")
+    if len(set(v)) != len(v):
+        raise C.ConfigError(f"{where}: {list(v)} names a K twice")
     return v
 
 
@@ -77,6 +87,11 @@ class TrainConfig:
     sharding: Mapping[str, str] = C.setting(check=C.each(C.one_of(*SHARDING_TYPES)))
     crosses: tuple[tuple[str, ...], ...] = C.setting(check=_crosses)
     init_embeddings_from: str | None = C.setting()
+    tower_hidden: tuple[int, ...] = C.setting(check=C.each(C.positive))
+    tower_dim: int = C.setting(check=C.at_least(0))
+    temperature: float = C.setting(check=C.positive)
+    loss: str = C.setting(check=C.one_of(*TOWER_LOSSES))
+    recall_k: tuple[int, ...] = C.setting(check=lambda v, w: _recall_k(C.each(C.positive)(v, w), w))
 
 
 def check_kind(cfg: TrainConfig) -> TrainConfig:
@@ -168,12 +183,18 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, TrainCon
                    help="model fnn: start its tables from this fm run's (its latest checkpoint) or checkpoint's")
     p.add_argument("--crosses", type=_pairs, metavar="A:B,C:D",
                    help="model deepfm_cross: the field pairs to cross, e.g. C1:C2,I1:C3")
+    p.add_argument("--loss", choices=TOWER_LOSSES, help="model two_tower: softmax (in-batch) or pointwise")
+    p.add_argument("--temperature", type=float, help="model two_tower, loss softmax")
+    p.add_argument("--tower-hidden", type=lambda s: tuple(int(x) for x in s.split(",") if x),
+                   help="model two_tower: each tower's hidden layers, e.g. 128,64")
+    p.add_argument("--tower-dim", type=int, help="model two_tower: each tower MLP's output width")
     p.add_argument("--no-test", action="store_true", help="skip the final test evaluation")
     p.add_argument("--cpu", action="store_true", help="use the CPU and gloo even when CUDA is present")
     a = p.parse_args(argv)
     over = {k: getattr(a, k) for k in ("model", "epochs", "batch_size", "dense_lr", "sparse_lr", "dropout", "hidden",
                                        "bf16", "max_steps", "eval_every_steps", "checkpoint_every_steps", "seed",
-                                       "init_embeddings_from", "crosses")}
+                                       "init_embeddings_from", "crosses", "loss", "temperature", "tower_hidden",
+                                       "tower_dim")}
     return a, load_train_config(a.config, over)
 
 

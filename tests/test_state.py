@@ -41,7 +41,7 @@ def test_the_json_keys_are_the_field_names_and_config_is_plain_data():
     d = _state().to_json()
     assert list(d) == [f.name for f in dataclasses.fields(TrainState)]
     assert d["config"] == to_overrides(_state().config) and d["config"]["hidden"] == [64, 32]
-    assert d["fields"][0] == {"name": "I1", "num_embeddings": 66, "embedding_dim": 16}
+    assert d["fields"][0] == {"name": "I1", "num_embeddings": 66, "embedding_dim": 16, "pooling": "sum", "side": "context"}
     assert d["splits"]["train"] == {"days": [0, 1], "rows": 31212, "positives": 12487}
     json.dumps(d)                                        # plain data all the way down
 

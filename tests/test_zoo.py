@@ -15,7 +15,7 @@ from torch.testing import assert_close
 from deepfm import launch as L
 from deepfm.inputs import to_batch
 from deepfm.launch import LaunchError, Start
-from deepfm.model import KINDS, PARTS, ZOO, DeepFM, FieldSpec, FMInteraction, cross_indices, has_hidden
+from deepfm.model import KINDS, PARTS, TOWERS, ZOO, DeepFM, FieldSpec, FMInteraction, cross_indices, has_hidden
 from deepfm.state import SplitData, TrainState
 from deepfm.trainconf import MODELS, TrainConfigError, load_train_config, parse_args, to_overrides
 from deepfm.zoo import (BiInteraction, CrossDeepArch, FieldCrosses, InnerProduct, LatentSlice, NFMArch, OuterProduct,
@@ -198,9 +198,9 @@ def test_the_first_four_kinds_keep_their_checkpoint_keys():
 
 
 def test_every_kind_is_a_setting_and_has_hidden_says_which_use_hidden():
-    assert set(MODELS) == set(KINDS) and len(MODELS) == len(KINDS) == 12
-    assert [k for k in KINDS if not has_hidden(k)] == ["lr", "fm"]
-    assert set(PARTS) | set(ZOO) == set(KINDS)
+    assert set(MODELS) == set(KINDS) and len(MODELS) == len(KINDS) == 13
+    assert [k for k in KINDS if not has_hidden(k)] == ["lr", "fm", "two_tower"]     # two_tower: tower_hidden
+    assert set(PARTS) | set(ZOO) | set(TOWERS) == set(KINDS)
 
 
 # --- the settings ----------------------------------------------------------------------------------
