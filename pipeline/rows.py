@@ -12,11 +12,17 @@ What "the same" means, rule by rule (tests/test_serving.py checks it against the
   :class:`ValueError` that names the field;
 - a categorical value is text taken as it is (no trimming), hashed with its field's name
   (pipeline.ids); text with a NUL or U+FFFD is a line the job rejects (``binary``): a ValueError;
-- rare ids (fields with ``min_count``) become 1 when the featurized data's vocabulary does not hold them.
+- rare ids (fields with ``min_count``) become 1 when the featurized data's vocabulary does not hold them;
+- a list-valued categorical field (the contract's ``list``, docs/recall.md): the text is split at the
+  list's delimiter, each element trimmed as Java's ``String.trim()`` does, empty elements dropped, the
+  first ``max_length`` kept, each hashed as a single value of the field (and the rare rule applied to
+  each id); an empty or missing list is the one id 0. A NUL or U+FFFD anywhere rejects the line.
 
     >>> f = RowFeaturizer(contract, boundaries={}, vocabulary={})
     >>> f.ids([{"I1": "5", "C1": "68fd1e64"}])[0, :2]        # fields in contract order
     array([4, 0])
+    >>> f.ids_jagged([{"item_genres": " Drama|| Comedy"}, {}])["item_genres"]   # a list field (conf/recall.yaml)
+    (array([id("Drama"), id("Comedy"), 0]), array([2, 1]))
 
 No pyspark and no torch import (numpy, xxhash and pyyaml only).
 """
@@ -108,9 +114,35 @@ def categorical_value(name: str, raw: Any) -> str | None:
     return text or None
 
 
+def list_elements(f: CategoricalField, raw: Any) -> list[str]:
+    """A list-valued field's elements from a request: the column's text (or a list of values, read as
+    their text joined by the delimiter), split, each element Java-trimmed, empties dropped, the first
+    ``max_length`` kept; :class:`ValueError` naming the field for what the featurize job would reject.
+
+        delimiter "|", max_length 2: " Drama||Comedy |War" -> ["Drama", "Comedy"];  "" -> [];  None -> []
+    """
+    spec = f.list
+    if spec is None:
+        raise ValueError(f"{f.name}: not a list-valued field")
+    if raw is None:
+        return []
+    if isinstance(raw, (list, tuple)):
+        text = spec.delimiter.join(categorical_value(f.name, v) or "" for v in raw)
+    else:
+        text = categorical_value(f.name, raw) or ""
+    elements = (java_trim(e) for e in text.split(spec.delimiter))
+    return [e for e in elements if e][:spec.max_length]
+
+
+def list_ids(f: CategoricalField, raw: Any) -> list[int]:
+    """A list-valued field's ids (before the rare-id rule): each element hashed as a single value of the
+    field; ``[0]`` (missing) when no element is left."""
+    return [categorical_id(f.name, e, f.hash_buckets) for e in list_elements(f, raw)] or [MISSING_ID]
+
+
 class RowFeaturizer:
     """Rows of raw values -> ids ``int64 [B, F]`` (F = the contract's fields, in contract order), by the
-    featurize job's rules (see the module docstring).
+    featurize job's rules (see the module docstring); with list-valued fields, :meth:`ids_jagged`.
 
     ``boundaries``: the fitted boundaries of the quantile fields (the manifest's); ``vocabulary``: per
     field with ``min_count`` > 0, the ids kept (sorted or not); ids outside it become :data:`RARE_ID`.
@@ -133,7 +165,7 @@ class RowFeaturizer:
                 mask[np.asarray(vocabulary[cat.name], dtype=np.int64)] = True
                 mask[MISSING_ID] = True                    # missing stays missing (pipeline.spark.transforms.map_rare)
                 self.kept[cat.name] = mask
-        self._caches: list[dict[str, int]] = [{} for _ in self.fields]
+        self._caches: list[dict[str, Any]] = [{} for _ in self.fields]   # text -> id (a tuple of ids for a list)
 
     def _id(self, i: int, f: CategoricalField | ContinuousField, raw: Any) -> int:
         try:
@@ -152,11 +184,15 @@ class RowFeaturizer:
 
     def ids(self, rows: Sequence[Mapping[str, Any]]) -> np.ndarray:
         """``int64 [len(rows), F]``; :class:`ValueError` naming the row and field of a value the featurize
-        job would reject.
+        job would reject. A contract with list-valued fields is refused (use :meth:`ids_jagged`).
 
         A text value's id depends on the text alone, so each field keeps the ids of the texts it has
         seen (up to :data:`CACHE_SIZE` a field): click logs repeat their values, and a dict lookup is
         a tenth of a hash and a parse. Errors are never cached; numbers are not cached."""
+        lists = [f.name for f in self.contract.categorical if f.list is not None]
+        if lists:
+            raise ValueError(f"contract {self.contract.name}: list-valued field(s) {', '.join(lists)} have no "
+                             "[B, F] ids; use ids_jagged(rows)")
         table = []
         for i, row in enumerate(rows):
             if not isinstance(row, Mapping):
@@ -182,6 +218,53 @@ class RowFeaturizer:
                 col = out[:, j]
                 out[:, j] = np.where(mask[col], col, RARE_ID)
         return out
+
+
+    def ids_jagged(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Per field (contract order) ``(values int64 [N], lengths int64 [B])``: the ids of every row, row
+        after row, and how many each row has. A single-valued field has one id a row (lengths all 1), a
+        list-valued field 1 .. max_length (an empty list is the one id 0): the layout of a TorchRec
+        KeyedJaggedTensor. The same rules and errors as :meth:`ids`; text values are cached alike.
+
+            list field, delimiter "|": rows [{"g": "a|b"}, {"g": ""}] -> {"g": ([id(a), id(b), 0], [2, 1])}
+        """
+        per_field: list[list[Any]] = [[] for _ in self.fields]
+        for i, row in enumerate(rows):
+            if not isinstance(row, Mapping):
+                raise ValueError(f"row {i}: expected a mapping of field -> value, got a {type(row).__name__}")
+            for f, cache, out in zip(self.fields, self._caches, per_field):
+                raw = row.get(f.name)
+                if isinstance(f, CategoricalField) and f.list is not None:
+                    v: Any = cache.get(raw) if type(raw) is str else None
+                    if v is None:
+                        try:
+                            v = tuple(list_ids(f, raw))
+                        except ValueError as e:
+                            raise ValueError(f"row {i}: {e}") from None
+                        if type(raw) is str and len(cache) < CACHE_SIZE:
+                            cache[raw] = v
+                elif type(raw) is str:
+                    v = cache.get(raw)
+                    if v is None:
+                        v = self._id(i, f, raw)
+                        if len(cache) < CACHE_SIZE:
+                            cache[raw] = v
+                else:
+                    v = self._id(i, f, raw)
+                out.append(v)
+        result: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        for f, got in zip(self.fields, per_field):
+            if isinstance(f, CategoricalField) and f.list is not None:
+                lengths = np.fromiter((len(t) for t in got), dtype=np.int64, count=len(got))
+                values = np.fromiter((x for t in got for x in t), dtype=np.int64, count=int(lengths.sum()))
+            else:
+                values = np.array(got, dtype=np.int64).reshape(len(got))
+                lengths = np.ones(len(got), dtype=np.int64)
+            mask = self.kept.get(f.name)
+            if mask is not None:
+                values = np.where(mask[values], values, RARE_ID)
+            result[f.name] = (values, lengths)
+        return result
 
 
 def split_line(line: str, contract: FeatureContract) -> dict[str, str]:

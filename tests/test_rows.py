@@ -3,13 +3,14 @@ runs the same rows through the Spark job)."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from pipeline.contract import load_contract
 from pipeline.ids import categorical_id
-from pipeline.rows import RowFeaturizer, java_trim, parse_double, split_line
+from pipeline.rows import RowFeaturizer, java_trim, list_elements, list_ids, parse_double, split_line
 from tests.conftest import SMALL
 
 
@@ -114,3 +115,70 @@ def test_cached_ids_equal_fresh_ones_and_errors_are_not_cached():
             warm.ids([{"I1": "x"}])
     with pytest.raises(ValueError, match="C1: a float"):     # 1.0 == 1: numbers are not looked up
         warm.ids([{"C1": 1}, {"C1": 1.0}])
+
+
+# --- list-valued fields (conf/recall.yaml's item_genres: delimiter "|", mean, max_length 4) -------------
+
+RECALL = str(Path(SMALL).parent / "recall.yaml")
+
+
+def genre_id(text):
+    return categorical_id("item_genres", text, 1024)
+
+
+def test_list_elements_split_trim_drop_empties_and_keep_the_first_max_length():
+    g = load_contract(RECALL).field("item_genres")
+    assert list_elements(g, " Drama||Comedy |\x01War\t") == ["Drama", "Comedy", "War"]
+    assert list_elements(g, "a|b|c|d|e|f") == ["a", "b", "c", "d"]                # max_length 4
+    assert list_elements(g, ["Drama", " War", 7]) == ["Drama", "War", "7"]       # a list: its text joined
+    assert list_elements(g, "| |") == list_elements(g, "") == list_elements(g, None) == []
+    assert list_elements(g, "Sci Fi") == ["Sci Fi"]                              # inner spaces stay
+    assert list_ids(g, "| |") == [0] and list_ids(g, "War|War") == [genre_id("War")] * 2   # duplicates kept
+    with pytest.raises(ValueError, match="item_genres: holds a NUL"):
+        list_elements(g, "Drama|\x00")
+
+
+def test_ids_jagged_by_hand():
+    c = load_contract(RECALL)
+    f = RowFeaturizer(c, {}, {})
+    got = f.ids_jagged([{"item_genres": " Drama||Comedy", "user_age": "25-34", "item_price": "12.99"},
+                        {"item_genres": ""}])
+    assert list(got) == list(c.field_names)                                      # contract order
+    values, lengths = got["item_genres"]
+    assert values.tolist() == [genre_id("Drama"), genre_id("Comedy"), 0] and lengths.tolist() == [2, 1]
+    assert [x.tolist() for x in got["user_age"]] == [[categorical_id("user_age", "25-34", 1024), 0], [1, 1]]
+    assert [x.tolist() for x in got["item_price"]] == [[2 + 6, 0], [1, 1]]      # floor(ln(12.99)^2) = 6
+    assert got["item_genres"][0].dtype == np.int64 and got["item_genres"][1].dtype == np.int64
+    again = f.ids_jagged([{"item_genres": " Drama||Comedy"}])["item_genres"]     # from the cache
+    assert again[0].tolist() == [genre_id("Drama"), genre_id("Comedy")]
+    with pytest.raises(ValueError, match="row 1: item_genres: holds a NUL"):
+        f.ids_jagged([{}, {"item_genres": "a\x00"}])
+    with pytest.raises(ValueError, match="list-valued field.*item_genres.*use ids_jagged"):
+        f.ids([{}])
+
+
+def test_the_rare_rule_applies_to_each_element():
+    c = load_contract(RECALL).with_overrides(**{"categorical.fields.item_genres.min_count": 2})
+    f = RowFeaturizer(c, {}, {"item_genres": np.array([genre_id("Drama")])})
+    values, lengths = f.ids_jagged([{"item_genres": "Drama|Comedy"}, {"item_genres": None}])["item_genres"]
+    assert values.tolist() == [genre_id("Drama"), 1, 0] and lengths.tolist() == [2, 1]
+
+
+def test_ids_jagged_without_list_fields_is_ids_column_by_column():
+    c = load_contract(SMALL)
+    rows = [{"I1": str(i % 7), "C1": f"v{i % 5}", "C2": i % 3} for i in range(20)]
+    ids = RowFeaturizer(c, {}, {}).ids(rows)
+    jag = RowFeaturizer(c, {}, {}).ids_jagged(rows)
+    for j, name in enumerate(c.field_names):
+        assert jag[name][0].tolist() == ids[:, j].tolist() and jag[name][1].tolist() == [1] * 20
+
+
+def test_generated_recall_lines_give_each_item_its_genres(tmp_path):
+    from pipeline.generate_recall import generate, read_day, read_world
+    c = load_contract(RECALL)
+    generate(c, tmp_path, [0], 200, seed=3, users=40, items=30)
+    rows = [split_line(x, c) for x in (tmp_path / "day_0").read_text().splitlines()]
+    values, lengths = RowFeaturizer(c, {}, {}).ids_jagged(rows)["item_genres"]
+    n_genres = (read_world(tmp_path).item_genres >= 0).sum(1)[read_day(tmp_path, 0)["item"]]
+    assert lengths.tolist() == np.maximum(n_genres, 1).tolist()
+    assert (values[np.cumsum(lengths) - 1][n_genres == 0] == 0).all()
