@@ -147,11 +147,14 @@ def top_k(scores: np.ndarray, k: int, seen: np.ndarray | None = None) -> np.ndar
         s = np.where(seen, -np.inf, s)
     if k == 0 or b == 0:
         return np.zeros((b, k), dtype=np.int64)
-    kth = -np.partition(-s, k - 1, axis=1)[:, k - 1]            # the k-th highest score per row
+    kth = np.partition(s, n - k, axis=1)[:, n - k]              # the k-th highest score per row
     above = s > kth[:, None]
     tie = s == kth[:, None]
     need = k - above.sum(1)                                      # how many of the ties to take
-    take = above | (tie & (np.cumsum(tie, axis=1) <= need[:, None]))
+    more = np.flatnonzero(tie.sum(1) > need)                     # rows with more ties than places
+    if len(more):
+        tie[more] &= np.cumsum(tie[more], axis=1) <= need[more, None]
+    take = above | tie
     idx = np.nonzero(take)[1].reshape(b, k)                      # exactly k per row, in index order
     val = np.take_along_axis(s, idx, axis=1)
     order = np.argsort(-val, axis=1, kind="stable")              # stable: ties stay in index order
