@@ -128,19 +128,20 @@ class TwoTower(nn.Module):
 
 
 def in_batch_softmax_loss(u: torch.Tensor, items: torch.Tensor, item_index: torch.Tensor, log_q: torch.Tensor,
-                          labels: torch.Tensor, temperature: float) -> torch.Tensor:
+                          labels: torch.Tensor, temperature: float, gather: bool = True) -> torch.Tensor:
     """The in-batch sampled softmax (the module's docstring) of this rank's rows: user vectors u [B, K] and
     item vectors [B, K] of the same rows, the rows' item_index [B], log_q [B] and labels [B]. In a process
     group of more than one rank every rank's item vectors are gathered with their gradients (every rank
     calls this with the same B), so the gradient of rank r's loss reaches rank s's items; the loss is the
-    mean over this rank's positives (a batch without any: 0, still connected to the graph).
+    mean over this rank's positives (a batch without any: 0, still connected to the graph). ``gather``
+    False: this rank's items alone (a reference on a whole batch in one process).
 
         u = [[1, 0], [0, 1]], items = [[2, 0], [0, 1]], log_q 0, temperature 1, distinct items
         -> mean(-log softmax([2, 0])[0], -log softmax([0, 1])[1])
     """
     b = u.shape[0]
     positive = labels > 0.5
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if gather and dist.is_initialized() and dist.get_world_size() > 1:
         rank = dist.get_rank()
         all_items = torch.cat(dist_nn.all_gather(items.contiguous()), 0)       # with gradients back to each rank
         meta = torch.stack([item_index.to(torch.float64), log_q.to(torch.float64), positive.to(torch.float64)], 1)
