@@ -11,7 +11,7 @@ petastorm transform pads each to the field's ``max_length`` and adds its length 
 list column into a matrix and refuses ragged lists), and :func:`columns_batch` gives the KJT those
 lengths (single-valued fields keep length 1). A recall output (the manifest's ``recall``) adds
 ``user_index``, ``item_index`` and ``day`` to every batch, and ``log_q`` of each row's item from the
-catalogue (:func:`catalogue`).
+catalogue (:attr:`Dataset.catalogue`).
 """
 from __future__ import annotations
 
