@@ -231,13 +231,14 @@ def popularity_top_k(counts: np.ndarray, sets: EvalSets, k: int) -> np.ndarray:
     order = np.lexsort((np.arange(sets.n_items), -counts.astype(np.float64)))
     k = min(k, sets.n_items)
     width = min(sets.n_items, k + int(sets.seen_counts.max(initial=0)))
-    head = order[:width]
-    out = np.empty((len(sets), k), dtype=np.int64)
-    for j in range(len(sets)):
-        seen = sets.seen(j)
-        row = head[~np.isin(head, seen, assume_unique=True)] if len(seen) else head
-        out[j] = row[:k]
-    return out
+    head = order[:width]                                # enough for k unseen items in every row
+    pos = np.full(sets.n_items, width, dtype=np.int64)
+    pos[head] = np.arange(width)
+    rows, items = sets.seen_pairs(slice(None))
+    masked = np.zeros((len(sets), width + 1), dtype=np.bool_)
+    masked[rows, pos[items]] = True                     # seen items outside the head land in column width
+    first = np.argsort(masked[:, :width], axis=1, kind="stable")[:, :k]    # unseen first, in popularity order
+    return head[first]
 
 
 def random_expected(sets: EvalSets, ks: Sequence[int] = DEFAULT_KS) -> dict[str, float]:

@@ -126,3 +126,11 @@ def test_the_command_line_picks_the_recall_mode(tmp_path):
     assert s["users"] == 50 and sorted(p.name for p in (tmp_path / "r").iterdir()) == ["day_0", "day_1", "truth"]
     with pytest.raises(ValueError, match="--users / --items: only for a recall contract"):
         G.main(["--out", str(tmp_path / "c"), "--days", "1", "--rows-per-day", "10", "--users", "5"])
+
+
+def test_the_baselines_command_holds_out_the_last_day(raw, capsys):
+    from pipeline import recall_truth
+    out = recall_truth.main([str(raw), "--ks", "10"])
+    assert out["heldout_day"] == 4 and out["train_days"] == [0, 1, 2]
+    assert out == baselines(raw, 4, [0, 1, 2], ks=(10,))
+    assert '"ceiling"' in capsys.readouterr().out

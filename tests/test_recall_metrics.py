@@ -109,3 +109,12 @@ def test_random_expected_by_hand_and_by_enumeration():
         for k in means:
             means[k] += m[k] / len(s)
     assert {k: got[k] for k in means} == pytest.approx(means, rel=1e-12)
+
+
+def test_popularity_ranking_is_top_k_of_the_counts():
+    rng = np.random.default_rng(1)
+    clicks = rng.integers(0, [30, 40, 3], size=(400, 3))
+    s = eval_sets(clicks[:, 0], clicks[:, 1], clicks[:, 2], eval_day=2, n_items=40)
+    counts = rng.integers(0, 4, 40)                           # many ties
+    want = top_k(np.broadcast_to(counts, (len(s), 40)), 5, s.seen_mask(slice(None)))
+    assert popularity_top_k(counts, s, 5).tolist() == want.tolist()
