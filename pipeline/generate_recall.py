@@ -5,7 +5,7 @@ contract has a ``recall`` key. The world, built once from the seed:
 
 * users with side features (age band, gender, city) and items with side features (category, a brand of
   that category, 0-4 genres, a price), constant per key; raw keys are zero-padded (``u00042``,
-  ``i0042``) so that sorting the keys (the featurize job's dense index) keeps the generator's order;
+  ``i00042``) so that sorting the keys (the featurize job's dense index) keeps the generator's order;
 * a latent preference per user and per item, p_u = sqrt(1 - r_u^2) A x_u + r_u e_u and
   q_i = sqrt(1 - r_i^2) B x_i + r_i e_i: x is the sum of the side features' own random vectors (the
   genres' mean, a smooth function of log price), A and B random linear maps, e a per-id residual;
@@ -355,7 +355,7 @@ def generate(contract: FeatureContract, out: Path, days: Sequence[int], rows_per
                      "bias": world.bias, "model": world.model.__dict__}
     pool = ProcessPoolExecutor(workers) if workers > 1 else None
     columns = contract.source.columns
-    exts = {"user": "user", "item": "item", "label": "label", "prob": "prob"}
+    exts = ("user", "item", "label", "prob")            # RecallChunk's arrays, one side file each
     try:
         for day in days:
             plan = [(world, segments, day, k, n)
@@ -369,8 +369,8 @@ def generate(contract: FeatureContract, out: Path, days: Sequence[int], rows_per
                 with open(tmp, "wb") as fh:
                     for c in chunks:
                         fh.write(c.text)
-                        for ext, attr in exts.items():
-                            sides[ext].write(getattr(c, attr).tobytes())
+                        for ext in exts:
+                            sides[ext].write(getattr(c, ext).tobytes())
                         positives += int(c.label.sum())
             finally:
                 for fs in sides.values():
@@ -386,7 +386,8 @@ def generate(contract: FeatureContract, out: Path, days: Sequence[int], rows_per
     summary["seconds"] = round(time.time() - t0, 2)
     meta = {**summary, "days": sorted(int(d) for d in days), "positives": summary["days"],
             "dim": world.model.dim, "columns": list(columns), "label": contract.label}
-    (truth / "recall_model.json").write_text(json.dumps(meta, indent=1, default=str))
+    (truth / ".recall_model.json").write_text(json.dumps(meta, indent=1, default=str))
+    os.replace(truth / ".recall_model.json", truth / "recall_model.json")
     return summary
 
 

@@ -38,8 +38,10 @@ def test_same_seed_same_bytes_whatever_the_workers_and_the_day_length(tmp_path):
     a, b, first, other = ((tmp_path / x / "day_3").read_bytes() for x in "abcd")
     assert a == b and a != other
     assert len(a.splitlines()) == 2_500 and a.startswith(first) and len(first.splitlines()) == 1_000
-    assert (tmp_path / "a" / "truth" / "recall_world.npz").read_bytes() == \
-        (tmp_path / "b" / "truth" / "recall_world.npz").read_bytes()
+    wa, wb = read_world(tmp_path / "a"), read_world(tmp_path / "b")     # (the .npz holds zip timestamps)
+    for name in ("user_vec", "item_vec", "item_weight", "item_genres", "item_price", "user_city"):
+        np.testing.assert_array_equal(getattr(wa, name), getattr(wb, name))
+    assert wa.bias == wb.bias
     assert not list((tmp_path / "a").glob(".*")) and not list((tmp_path / "a" / "truth").glob(".*"))
 
 
