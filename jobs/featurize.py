@@ -9,6 +9,12 @@ with their reason, as text and as their exact bytes), OUTPUT/vocab (frequent ids
 and OUTPUT/_SUCCESS. Everything is written to a staging folder beside OUTPUT and renamed into place at
 the end, so OUTPUT is complete or absent.
 
+A recall contract (its ``recall`` key; docs/recall.md) keeps only the positives in every split, with
+their ``user_index`` and ``item_index`` (and in train ``recall.random_negatives`` drawn items per
+positive, with ``sample_prob``), and also writes OUTPUT/catalogue (one featurized row per item, its
+train count and log_q), OUTPUT/seen (each clicked user-item pair and its first day) and OUTPUT/users;
+``--neg-sample-rate`` does not apply to it. A list-valued field is written as Parquet list<int32>.
+
 The entry point only: the arguments become :class:`Options`, and pipeline.spark.featurize does the work.
 """
 from __future__ import annotations

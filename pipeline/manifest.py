@@ -30,6 +30,9 @@ SPLITS = ("train", "valid", "test")
 LABEL_COLUMN = "label"          # the label's column in the featurized Parquet, whatever the source calls it
 DAY_COLUMN = "day"
 CORRECTION = "p = q / (q + (1 - q) / neg_sample_rate)"
+# A recall contract's sampling (RecallInfo): negative sampling does not apply, so there is nothing to undo.
+RECALL_SAMPLING = ("none: a recall contract keeps only the positives (sampling.neg_sample_rate does not apply); "
+                   "drawn negatives carry sample_prob")
 
 
 class ManifestError(ValueError):
@@ -107,18 +110,43 @@ class InputInfo:
 @dataclass(frozen=True)
 class RecallInfo:
     """What a recall contract's featurize run adds (see docs/recall.md): the item catalogue and each
-    user's seen items, and the dense indexes that tell raw keys apart (hash ids may collide)."""
+    user's seen items, and the dense indexes that tell raw keys apart (hash ids may collide).
+
+    Every split holds only the positives (label 1) of its days, with the int32 columns ``user_index``
+    and ``item_index``; with ``random_negatives`` > 0, train also holds that many label-0 rows per
+    positive (the positive's user and context fields, a uniformly drawn catalogue item's item-side
+    fields), and every split a double column ``sample_prob``: 1 / items for a drawn row (the
+    probability of its item in one draw), 1.0 for a positive (not drawn). Negative sampling
+    (``sampling.neg_sample_rate``) does not apply: no negative of the logs is kept.
+
+    ``catalogue/``: :meth:`catalogue_columns`, one row per item in ``item_index`` order;
+    ``seen/``: user_index, item_index, first_day (each distinct clicked pair, over all days);
+    ``users/``: user_index, user_key."""
 
     user_key: str                       # the contract's recall.user_key field
     item_key: str
     items: int                          # catalogue rows: distinct raw item keys over all days
     users: int                          # distinct raw user keys over all days
     train_positives: int                # the positives the item frequencies count (train days)
+    seen_rows: int = 0                  # rows of seen/: distinct (user, item) pairs clicked
+    item_fields: tuple[str, ...] = ()   # the item side's fields (contract order): the catalogue's id columns
     heldout_split: str = "test"         # the held-out split (the last day)
     random_negatives: int = 0           # per train positive, items drawn uniformly from the catalogue
+    sample_prob: str | None = None      # the splits' sampling-probability column, when random_negatives > 0
+    user_index: str = layout.USER_INDEX     # the splits' (and seen/'s, users/') dense user index column
+    item_index: str = layout.ITEM_INDEX     # ... item index column (the catalogue's row)
     catalogue: str = layout.CATALOGUE   # OUTPUT/catalogue: one row per item
-    seen: str = layout.SEEN             # OUTPUT/seen: (user_index, item_index) before the held-out day
+    seen: str = layout.SEEN             # OUTPUT/seen: (user_index, item_index, first_day)
     users_path: str = layout.USERS      # OUTPUT/users: user_index, the raw user key
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """The columns every split has after the label, fields and day: the two indexes, sample_prob."""
+        return (self.user_index, self.item_index, *((self.sample_prob,) if self.sample_prob else ()))
+
+    @property
+    def catalogue_columns(self) -> tuple[str, ...]:
+        return (self.item_index, layout.ITEM_KEY, *self.item_fields, layout.TRAIN_COUNT, layout.LOG_Q)
 
 
 @dataclass(frozen=True)
@@ -149,8 +177,10 @@ class Manifest:
 
     @property
     def columns(self) -> tuple[str, ...]:
-        """The Parquet columns of every split, in order (all int32)."""
-        return (self.label_column, *self.field_names, self.day_column)
+        """The Parquet columns of every split, in order: int32, except a list-valued field's
+        list<int32> (:attr:`FieldInfo.is_list`) and a recall output's ``sample_prob`` (double; see
+        :class:`RecallInfo`)."""
+        return (self.label_column, *self.field_names, self.day_column, *(self.recall.columns if self.recall else ()))
 
     def table_sizes(self) -> dict[str, int]:
         return {f.name: f.num_embeddings for f in self.fields}

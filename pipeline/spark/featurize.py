@@ -6,8 +6,15 @@ everything into a staging folder beside the output and renames it into place (so
 complete or absent; a file Spark cannot read, such as a truncated ``.gz``, becomes one FeaturizeError
 line naming it). :func:`featurize` is the list of steps, each a function below:
 
-    plan days -> fit boundaries -> fit vocabulary -> the one pass -> place files -> verify counts
-    -> quarantine -> check the reject limit -> check no split is empty -> commit the manifest
+    plan days -> fit boundaries -> fit vocabulary -> (recall: keys, catalogue, seen) -> the one pass
+    -> place files -> verify counts -> quarantine -> check the reject limit -> check no split is empty
+    -> commit the manifest
+
+A recall contract (docs/recall.md) keeps only the positives in every split, with the dense
+``user_index`` / ``item_index`` of their raw keys (and, in train, random negatives drawn from the
+catalogue); one aggregation per (user key, item key) before the pass (:func:`write_recall_tables`,
+pipeline.spark.recall) checks that item-side fields are constant per item and writes ``catalogue/``,
+``users/`` and ``seen/``.
 
 One pass over the input does the work: Spark's CSV reader parses each line once, every id is a JVM
 expression, one shuffle places each split's rows in the files planned for them (train rows in a seeded
@@ -41,9 +48,10 @@ from pipeline.spark.counts import count_split, observed, recount, split_counts
 from pipeline.spark.errors import FeaturizeError, RejectLimitError, read_failure
 from pipeline.spark.hadoopfs import HadoopFS
 from pipeline.spark.placement import FilePlan, place_files, plan_files, write_files
-from pipeline.spark.records import (REASONS, DayInputs, check_headers, check_records, count_lines, estimate_lines,
-                                    find_day_inputs,
-                                    parse_lines, read_lines, read_records, reject_columns)
+from pipeline.spark import recall as R
+from pipeline.spark.records import (DayInputs, check_headers, check_records, count_lines, estimate_lines,
+                                    find_day_inputs, parse_lines, read_lines, read_records, reasons_of,
+                                    reject_columns)
 from pipeline.spark.sql import quantile_probabilities
 from pipeline.spark.transforms import frequent_ids, map_rare, sample_negatives, to_ids, with_split, within_days
 
@@ -186,6 +194,17 @@ class FittedVocabulary:
 
 
 @dataclass(frozen=True)
+class RecallTables:
+    """What :func:`write_recall_tables` hands the one pass (read back from the staging folder) and the
+    manifest: the key indexes, the catalogue's ids, and the counts."""
+
+    user_index: DataFrame               # _user_key, user_index
+    item_index: DataFrame               # _item_key, item_index
+    catalogue_ids: DataFrame            # item_index and the item-side fields' ids (rare ids mapped)
+    info: M.RecallInfo
+
+
+@dataclass(frozen=True)
 class Written:
     """What the one pass hands on: its two observations, the files it planned and the sampling rates."""
 
@@ -193,6 +212,7 @@ class Written:
     kept: Observation                   # rows and positives per split as written
     files: FilePlan
     rates: Mapping[str, float]
+    drawn: int | None = None            # a recall contract: random negatives per train positive (else None)
 
 
 @dataclass(frozen=True)
@@ -277,25 +297,29 @@ def featurize(spark: SparkSession, o: Options, fs: HadoopFS, inputs: DayInputs, 
     # Wide rows make big generated methods; the JVM does not compile methods over 8 kB of bytecode and
     # would interpret them (3x slower here). At this limit Spark splits such a stage into small methods.
     spark.conf.set("spark.sql.codegen.hugeMethodLimit", "8000")
-    checked = check_records(read_records(spark, inputs, c), c)
+    keys = R.key_columns(c) if c.recall else []
+    checked = check_records(read_records(spark, inputs, c), c, keep=keys)
     if c.source.day_from == "column":
         checked = within_days(checked, o.days)
     plan = plan_days(spark, c, inputs, checked, phase, o.allow_day_gaps)
     boundaries = fit_boundaries(checked, c, plan, reused, phase)
-    ids = with_split(to_ids(checked, c, boundaries, c.sampling.seed, keep=["_bad"]), plan.split_days)
+    kept = ["_bad", *([R.USER_KEY, R.ITEM_KEY] if c.recall else [])]
+    ids = with_split(to_ids(checked, c, boundaries, c.sampling.seed, keep=kept), plan.split_days)
     vocab = fit_vocabulary(spark, ids, c, plan, reused, staging, phase)
-    written = write_splits(ids, c, plan, vocab, staging, phase)
+    tables = write_recall_tables(spark, fs, ids, c, vocab, staging, phase) if c.recall else None
+    written = write_splits(ids, c, plan, vocab, staging, phase, tables)
     n_files = place_files(fs, f"{staging}/{layout.WRITTEN}", staging, written.files.parts())
     counts = verify_counts(spark, fs, ids, staging, written, n_files, phase)
     splits = split_infos(plan, counts, written.rates)
-    rejects = {r: 0 for r in REASONS}
+    rejects = {r: 0 for r in reasons_of(c)}
     if counts.bad:                             # the text is read again only when there are rejects
         with phase("quarantine malformed lines"):
             rejects = quarantine(spark, o, inputs, f"{staging}/{layout.REJECTS}", counts.bad)
     log_counts(plan, splits, counts.lines, rejects)
     check_reject_limit(fs, c, staging, counts.lines, rejects)
     check_splits_have_rows(spark, plan, splits, f"{staging}/{layout.REJECTS}", sum(rejects.values()))
-    m = build_manifest(spark, o, inputs, plan, boundaries, vocab, splits, rejects, counts.lines, phase.seconds, t0)
+    m = build_manifest(spark, o, inputs, plan, boundaries, vocab, splits, rejects, counts.lines, phase.seconds, t0,
+                       tables.info if tables else None)
     commit_manifest(fs, staging, m)
     return m
 
@@ -394,13 +418,75 @@ def fit_vocabulary(spark: SparkSession, ids: DataFrame, c: FeatureContract, plan
 
 
 def sampling_rates(c: FeatureContract) -> dict[str, float]:
-    """The fraction of negatives kept per split: the contract's rate in train, all of valid and test."""
+    """The fraction of the logs' negatives kept per split: the contract's rate in train, all of valid and
+    test; none in any split of a recall contract (its splits hold the positives, and drawn negatives)."""
+    if c.recall is not None:
+        return {s: 0.0 for s in SPLITS}
     return {s: (c.sampling.neg_sample_rate if s == "train" else 1.0) for s in SPLITS}
 
 
+def write_recall_tables(spark: SparkSession, fs: HadoopFS, ids: DataFrame, c: FeatureContract,
+                        vocab: FittedVocabulary | None, staging: str, phase: Phases) -> RecallTables:
+    """A recall contract's pass before the one pass: aggregate the good rows per (user key, item key)
+    (written to ``staging/_pairs``, deleted at the end), check that every item-side field is constant
+    per item key (:class:`FeaturizeError` naming the field and a key, before any output is written),
+    then write ``catalogue/`` (its ids rare-mapped as the splits' are), ``users/`` and ``seen/``, and
+    read the indexes back for the pass's joins."""
+    r = R.recall_of(c)
+    per_file = c.output.rows_per_row_group
+
+    def write(df: DataFrame, name: str, order: str) -> DataFrame:
+        # one task, in ``order``: the files hold the rows by index (a catalogue's row is its item_index)
+        (df.coalesce(1).sortWithinPartitions(order).write.option("maxRecordsPerFile", per_file)
+         .parquet(f"{staging}/{name}"))
+        return spark.read.parquet(f"{staging}/{name}")
+
+    with phase("recall: keys, catalogue and seen items"):
+        R.pair_aggregates(ids.filter(~F.col("_bad")), c).write.parquet(f"{staging}/{layout.PAIRS}")
+        pairs = spark.read.parquet(f"{staging}/{layout.PAIRS}")
+        items = R.item_aggregates(pairs, c).cache()
+        n_items, train_positives = R.check_constant_items(items, c)
+        users = R.dense_index(pairs.select(R.USER_KEY).distinct(), R.USER_KEY, layout.USER_INDEX)
+        users = write(users.select(layout.USER_INDEX, F.col(R.USER_KEY).alias(layout.USER_KEY)), layout.USERS,
+                      layout.USER_INDEX)
+        cat = R.catalogue(R.dense_index(items, R.ITEM_KEY, layout.ITEM_INDEX), c, train_positives, n_items)
+        rare = [f for f in R.item_fields(c) if isinstance(f, CategoricalField) and f.min_count > 0]
+        if vocab is not None and rare:
+            cat = map_rare(cat, vocab.frame, rare).select(*cat.columns)
+        cat = write(cat, layout.CATALOGUE, layout.ITEM_INDEX)
+        items.unpersist()
+        user_index = users.select(F.col(layout.USER_KEY).alias(R.USER_KEY), layout.USER_INDEX)
+        item_index = cat.select(F.col(layout.ITEM_KEY).alias(R.ITEM_KEY), layout.ITEM_INDEX)
+        n_seen_files = max(1, math.ceil(fs.parquet_rows(f"{staging}/{layout.PAIRS}") / per_file))
+        R.seen_pairs(pairs, user_index, item_index).repartition(n_seen_files).write.parquet(f"{staging}/{layout.SEEN}")
+        n_users = fs.parquet_rows(f"{staging}/{layout.USERS}")
+        n_seen = fs.parquet_rows(f"{staging}/{layout.SEEN}")
+        if fs.parquet_rows(f"{staging}/{layout.CATALOGUE}") != n_items:
+            raise FeaturizeError(f"{layout.CATALOGUE}: the written rows are not the {n_items} items counted; "
+                                 "nothing was committed")
+        fs.delete(f"{staging}/{layout.PAIRS}")
+    log.info("recall: %d items, %d users, %d train positives, %d seen pairs", n_items, n_users, train_positives,
+             n_seen)
+    info = M.RecallInfo(user_key=r.user_key, item_key=r.item_key, items=n_items, users=n_users,
+                        train_positives=train_positives, seen_rows=n_seen,
+                        item_fields=tuple(f.name for f in R.item_fields(c)),
+                        random_negatives=r.random_negatives,
+                        sample_prob=layout.SAMPLE_PROB if r.random_negatives else None)
+    return RecallTables(user_index=user_index, item_index=item_index,
+                        catalogue_ids=cat.select(layout.ITEM_INDEX, *info.item_fields), info=info)
+
+
+def expected_rows(c: FeatureContract, plan: DayPlan, rates: Mapping[str, float]) -> dict[str, int]:
+    """The rows each split should have as written (to plan its files): after negative sampling, and for
+    a recall contract its positives, with ``random_negatives`` more per train positive."""
+    k = c.recall.random_negatives if c.recall else 0
+    return {s: plan.expected_rows(s, rates[s]) * (1 + k if s == "train" else 1) for s in SPLITS}
+
+
 def write_splits(ids: DataFrame, c: FeatureContract, plan: DayPlan, vocab: FittedVocabulary | None, staging: str,
-                 phase: Phases) -> Written:
-    """The one pass: count, drop malformed lines, map rare ids, sample train negatives, send each row to
+                 phase: Phases, tables: RecallTables | None = None) -> Written:
+    """The one pass: count, drop malformed lines, map rare ids, sample train negatives (a recall
+    contract: keep the positives, join their key indexes and draw random negatives), send each row to
     a planned file of its split, write (to ``staging/_all``, layout.WRITTEN). The observations are made here, after
     the fitting passes, so that they see this pass only."""
     counted = Observation("featurize: input")
@@ -410,22 +496,29 @@ def write_splits(ids: DataFrame, c: FeatureContract, plan: DayPlan, vocab: Fitte
     if vocab is not None:
         ids = map_rare(ids, vocab.frame, vocab.fields)
     rates = sampling_rates(c)
-    ids = sample_negatives(ids, rates["train"], c.sampling.seed, only=F.col("_split") == "train")
+    columns = [LABEL_COLUMN, *c.field_names, DAY_COLUMN]
+    if tables is not None:
+        ids = R.with_indexes(ids.filter(F.col(LABEL_COLUMN) == 1), tables.user_index, tables.item_index)
+        if tables.info.random_negatives:
+            ids = R.with_random_negatives(ids, tables.catalogue_ids, c, tables.info.items, c.sampling.seed)
+        columns += tables.info.columns
+    else:
+        ids = sample_negatives(ids, rates["train"], c.sampling.seed, only=F.col("_split") == "train")
     kept = Observation("featurize: output")
     ids = ids.observe(kept, *split_counts(F.lit(True)))
-    files = plan_files({s: plan.expected_rows(s, rates[s]) for s in SPLITS}, c.output.rows_per_row_group,
-                       c.output.min_row_groups)
+    files = plan_files(expected_rows(c, plan, rates), c.output.rows_per_row_group, c.output.min_row_groups)
     with phase("parse, hash, bucket, sample and write train/valid/test"):
-        write_files(ids, files, [LABEL_COLUMN, *c.field_names, DAY_COLUMN], c.sampling.seed,
-                    c.output.rows_per_row_group, f"{staging}/{layout.WRITTEN}")
-    return Written(counted=counted, kept=kept, files=files, rates=rates)
+        write_files(ids, files, columns, c.sampling.seed, c.output.rows_per_row_group, f"{staging}/{layout.WRITTEN}")
+    return Written(counted=counted, kept=kept, files=files, rates=rates,
+                   drawn=tables.info.random_negatives if tables is not None else None)
 
 
 def verify_counts(spark: SparkSession, fs: HadoopFS, ids: DataFrame, staging: str, written: Written,
                   n_files: Mapping[str, int], phase: Phases) -> RunCounts:
     """The observed counts, checked: each split's rows on disk (Parquet footers) must be the rows
     observed written, sampling must keep every positive, and an unsampled split every row. When they
-    disagree the input and output are counted again by passes of their own."""
+    disagree the input and output are counted again by passes of their own. A recall split must hold
+    its positives and (train) ``random_negatives`` rows more per positive."""
     obs = written.counted.get
     lines, bad, before = int(obs["lines"]), int(obs["bad"]), observed(obs)
     after = observed(written.kept.get)
@@ -439,6 +532,13 @@ def verify_counts(spark: SparkSession, fs: HadoopFS, ids: DataFrame, staging: st
         with phase("recount the input and output"):
             lines, bad, before = recount(ids)
             after = {s: count_split(spark, f"{staging}/{s}") if n_files[s] else Counts(0, 0) for s in SPLITS}
+    if written.drawn is not None:      # a recall split: its positives, and in train the draws of each
+        for s in SPLITS:
+            want = after[s].positives * (1 + written.drawn if s == "train" else 1)
+            if after[s].rows != want:
+                raise FeaturizeError(f"{s}: {after[s].rows} rows written, not the {after[s].positives} positives"
+                                     + (f" and {written.drawn} random negatives each" if s == "train" else "")
+                                     + "; nothing was committed")
     return RunCounts(lines=lines, bad=bad, before=before, after=after, files=dict(n_files))
 
 
@@ -453,7 +553,7 @@ def quarantine(spark: SparkSession, o: Options, inputs: DayInputs, path: str, ex
     """Write the malformed lines with their day and reason to ``path`` (``day, reason, line, line_bytes``:
     the line as valid UTF-8 text and as its exact bytes, records.reject_columns); return the count per
     reason. Finding another number than the parse counted stops the job."""
-    out = {r: 0 for r in REASONS}
+    out = {r: 0 for r in reasons_of(o.contract)}
     c = o.contract
     parsed = parse_lines(read_lines(spark, inputs), c)
     if c.source.day_from == "column":
@@ -483,7 +583,8 @@ def check_reject_limit(fs: HadoopFS, c: FeatureContract, staging: str, lines: in
     """More malformed lines than ``quality.max_reject_fraction`` allows: :class:`RejectLimitError`, with
     the staging folder kept holding only the rejects (and their reasons) for inspection."""
     limit = c.quality.max_reject_fraction
-    refuse_over_reject_limit(fs, staging, lines, sum(rejects.values()), limit, (*SPLITS, layout.VOCAB),
+    refuse_over_reject_limit(fs, staging, lines, sum(rejects.values()), limit,
+                             (*SPLITS, layout.VOCAB, layout.CATALOGUE, layout.USERS, layout.SEEN),
                              f"quality.max_reject_fraction={limit}")
 
 
@@ -516,6 +617,9 @@ def check_splits_have_rows(spark: SparkSession, plan: DayPlan, splits: Mapping[s
         if not days or splits[s].rows > 0:
             continue
         good = splits[s].before_sampling.rows
+        if good and splits[s].neg_sample_rate == 0.0:
+            raise FeaturizeError(f"{s}: day(s) {days} gave {good} good rows but no positive, and a recall "
+                                 "contract's splits hold only the positives; nothing was committed")
         if good:
             raise FeaturizeError(f"{s}: day(s) {days} gave {good} good rows but none were kept by negative "
                                  f"sampling at rate {splits[s].neg_sample_rate}; nothing was committed")
@@ -534,16 +638,19 @@ def feature_fingerprint(contract_fp: str, boundaries: Mapping[str, Sequence[floa
 def build_manifest(spark: SparkSession, o: Options, inputs: DayInputs, plan: DayPlan,
                    boundaries: Mapping[str, tuple[float, ...]], vocab: FittedVocabulary | None,
                    splits: Mapping[str, M.SplitInfo], rejects: Mapping[str, int], lines: int,
-                   seconds_by_step: Mapping[str, float], t0: float) -> Manifest:
-    """What this run made, as the typed manifest."""
+                   seconds_by_step: Mapping[str, float], t0: float, recall: M.RecallInfo | None = None) -> Manifest:
+    """What this run made, as the typed manifest. A recall contract's sampling is recorded as rate 1 with
+    no correction (pipeline.manifest.RECALL_SAMPLING): no negative of the logs is kept, so there is none to
+    correct for; each split's ``neg_sample_rate`` is 0."""
     c = o.contract
     info = vocab.info if vocab is not None else None
+    sampling = (M.SamplingInfo(neg_sample_rate=1.0, seed=c.sampling.seed, correction=M.RECALL_SAMPLING) if recall
+                else M.SamplingInfo(neg_sample_rate=c.sampling.neg_sample_rate, seed=c.sampling.seed))
     return Manifest(
         contract=c, contract_fingerprint=c.fingerprint,
         feature_fingerprint=feature_fingerprint(c.fingerprint, boundaries, info.digest if info else None),
         source_label=c.label, fields=M.fields_of(c), boundaries=dict(boundaries), vocab=info,
-        sampling=M.SamplingInfo(neg_sample_rate=c.sampling.neg_sample_rate, seed=c.sampling.seed),
-        splits=dict(splits),
+        sampling=sampling, splits=dict(splits), recall=recall,
         rejects=M.Rejects(total=sum(rejects.values()), by_reason=dict(rejects), path=layout.REJECTS),
         input=M.InputInfo(path=o.input, files=tuple(p for _, p in inputs), days=plan.days, lines=lines,
                           reused_from=o.reuse, missing_days=plan.missing_days),

@@ -19,7 +19,7 @@ from pyspark.sql import DataFrame
 from pipeline.manifest import SPLITS
 from pipeline.spark.errors import FeaturizeError
 from pipeline.spark.hadoopfs import HadoopFS
-from pipeline.spark.sql import pack_ints, unpack_ints
+from pipeline.spark.sql import pack_ints, q, unpack_ints
 
 PART_FILE = re.compile(r"^part-(\d+)-.*\.parquet$")
 
@@ -119,14 +119,19 @@ def write_files(ids: DataFrame, plan: FilePlan, columns: Sequence[str], seed: in
     ``path``: the rows of split s in the files planned for s, each file sorted by one random long (train
     rows in a seeded random order), at most ``rows_per_file`` rows (one row group) per file.
 
-    Shuffle partition p is file p. The ints travel two to a long (half the shuffled bytes) and are
-    unpacked for the write."""
+    Shuffle partition p is file p. The int columns travel two to a long (half the shuffled bytes) and
+    are unpacked for the write; other columns (a list-valued field's array<int>, a double) travel as
+    they are."""
     key = f"xxhash64(`_h`, {seed + 1})"
     keys = partition_keys(plan.n_parts)
-    placed = ids.selectExpr(*pack_ints(columns), f"{key} AS `_k`",
+    types = dict(ids.dtypes)
+    ints = [c for c in columns if types[c] == "int"]
+    others = [q(c) for c in columns if types[c] != "int"]
+    placed = ids.selectExpr(*pack_ints(ints), *others, f"{key} AS `_k`",
                             f"element_at(array({', '.join(map(str, keys))}), CAST({plan.target_sql(key)} + 1 AS INT)) "
                             "AS `_pk`")
-    (placed.repartition(plan.n_parts, "_pk").sortWithinPartitions("_k").selectExpr(*unpack_ints(columns))
+    (placed.repartition(plan.n_parts, "_pk").sortWithinPartitions("_k").selectExpr(*unpack_ints(ints), *others)
+     .select(*columns)
      .write.option("maxRecordsPerFile", rows_per_file)
      .option("compression", "snappy").parquet(path))
 

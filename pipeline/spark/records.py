@@ -18,10 +18,26 @@ from pipeline import layout
 from pipeline.contract import FeatureContract
 from pipeline.spark.errors import FeaturizeError, read_failure
 from pipeline.spark.hadoopfs import HadoopFS
-from pipeline.spark.sql import non_finite_sql, q, string_literal, utf8_escaped
+from pipeline.spark.sql import non_finite_sql, q, regex_quote, string_literal, utf8_escaped
 
 # Reasons a line is rejected; each is counted in the manifest and written to DIR/rejects.
 REASONS = ("binary", "column_count", "bad_label", "non_numeric", "bad_day")
+# A recall contract's line without its user or item key (no index can be given to it).
+MISSING_KEY = "missing_key"
+
+
+def reasons_of(contract: FeatureContract) -> tuple[str, ...]:
+    """The reject reasons of a contract's lines: :data:`REASONS`, and ``missing_key`` for a recall contract."""
+    return (*REASONS, MISSING_KEY) if contract.recall is not None else REASONS
+
+
+def missing_key_sql(contract: FeatureContract) -> str:
+    """True when a recall contract's line has no user key or no item key (false for other contracts).
+
+        recall user_key u, item_key i -> (`u` IS NULL OR `i` IS NULL)
+    """
+    r = contract.recall
+    return f"({q(r.user_key)} IS NULL OR {q(r.item_key)} IS NULL)" if r is not None else "false"
 # Binary garbage shows as NUL bytes or as U+FFFD, what Spark decodes invalid UTF-8 to. (Two substring
 # searches: a regular expression over every line costs more than the rest of the parse.)
 BINARY_MARKS = ("char(0)", "'\\uFFFD'")      # as Spark SQL
@@ -246,8 +262,9 @@ def check_records(records: DataFrame, contract: FeatureContract, keep: Sequence[
 
     A line is malformed when Spark's parser could not fit it to the schema (wrong column count,
     a non-numeric value in a continuous field), its label is not 0 or 1, a continuous value is not
-    finite, a string holds binary garbage (NUL, or U+FFFD: what invalid UTF-8 decodes to), or its day
-    cannot be read. The same rule runs in the fast path and in :func:`parse_lines`, so both agree on
+    finite, a string holds binary garbage (NUL, or U+FFFD: what invalid UTF-8 decodes to; for a
+    list-valued field the whole text, so any bad element rejects the line), its day cannot be read, or
+    (a recall contract) it has no user or item key. The same rule runs in the fast path and in :func:`parse_lines`, so both agree on
     which lines are good. ``keep``: more columns, as Spark SQL (a name, or ``expr AS name``).
 
     Scoring (pipeline.spark.scoring) needs neither a day nor a label: with ``require_day=False`` a day
@@ -276,7 +293,8 @@ def check_records(records: DataFrame, contract: FeatureContract, keep: Sequence[
                  else [f"coalesce(NOT ({label} IN (0, 1)), false)"])
     bad = " OR ".join([f"{q(CORRUPT)} IS NOT NULL", *label_bad,
                        non_finite_sql(contract), *[f"contains({text}, {m})" for m in BINARY_MARKS],
-                       *([f"({day}) IS NULL"] if require_day else [])])
+                       *([f"({day}) IS NULL"] if require_day else []),
+                       *([missing_key_sql(contract)] if contract.recall is not None else [])])
     return records.selectExpr(f"{day} AS `day`", f"{label} AS `label`", *[q(f.name) for f in contract.fields],
                               f"{bad} AS `_bad`", *keep)
 
@@ -288,7 +306,8 @@ def parse_lines(lines: DataFrame, contract: FeatureContract, keep: Sequence[str]
     The slow path, for the lines a run has to quarantine (the job reads the text again only when the
     fast path counted malformed lines) and for tests. It parses with the same CSV parser, schema and
     options as :func:`read_records` (``from_csv``), applies the same :func:`check_records` rule, and
-    says why: ``binary``, ``column_count``, ``bad_label``, ``non_numeric``, ``bad_day``.
+    says why: ``binary``, ``column_count``, ``bad_label``, ``non_numeric``, ``bad_day`` (and, for a
+    recall contract, ``missing_key``).
 
     Input columns: ``value`` (the line) and ``day`` (int, or null when the day comes from a column),
     and the ``keep`` columns (names), passed through. Output: ``day``, ``label``, each field, ``_reason``
@@ -306,6 +325,7 @@ def parse_lines(lines: DataFrame, contract: FeatureContract, keep: Sequence[str]
                           F.from_csv(F.col("value"), schema.simpleString(), csv_options(contract)).alias("_p"))
     records = parsed.select("day", *keep, "_line", *[F.col("_p")[n].alias(n) for n in schema.names])
     checked = check_records(records, contract, keep=["_line", CORRUPT, f"{non_finite_sql(contract)} AS `_nf`",
+                                                     f"{missing_key_sql(contract)} AS `_nk`",
                                                      *[q(k) for k in keep]],
                             require_day=require_day, require_label=require_label)
     parts = F.split(F.col("_line"), _regex_quote(src.delimiter), -1)
@@ -318,13 +338,13 @@ def parse_lines(lines: DataFrame, contract: FeatureContract, keep: Sequence[str]
               .when(F.size(parts) != len(src.columns), "column_count")
               .when(~label_raw.isin(*good_labels) | label_raw.isNull(), "bad_label")
               .when(F.col(CORRUPT).isNotNull() | F.col("_nf"), "non_numeric")
+              .when(F.col("_nk"), MISSING_KEY)
               .otherwise("bad_day"))
     return checked.select("day", "label", *[F.col(f.name) for f in contract.fields], reason.alias("_reason"),
                           F.when(F.col("_bad"), F.col("_line")).alias("_line"), *keep)
 
 
-def _regex_quote(ch: str) -> str:
-    return "\\" + ch if ch in r".^$*+?()[]{}|\\" else ch
+_regex_quote = regex_quote     # the scoring job's name for it
 
 
 def reject_columns(line: str = "_line", names: tuple[str, str] = ("line", "line_bytes")) -> list[Column]:

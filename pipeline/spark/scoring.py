@@ -344,6 +344,10 @@ def featurize_lines(lines: DataFrame, model: Model, vocab: DataFrame | None, kee
     checks and id expressions with the model's boundaries and ``vocab`` (:func:`vocabulary_frame`)."""
     c = model.contract
     m = model.card.manifest
+    lists = [f.name for f in c.categorical if f.list is not None]
+    if lists:      # their ids are arrays, which the packed _ids (one int a field) cannot carry
+        raise ScoreError(f"--model {model.path}: list-valued field(s) {', '.join(lists)}: jobs/score.py does not "
+                         "score list fields yet")
     parsed = parse_lines(lines, c, keep=keep, require_day=False, require_label=False)
     try:
         ids = to_ids(parsed, c, m.boundaries, c.sampling.seed, keep=["_reason", *keep])

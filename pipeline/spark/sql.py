@@ -57,6 +57,48 @@ def hash_categorical(name: str, f: CategoricalField) -> str:
             f"CAST({f.hash_buckets - RESERVED_IDS} AS BIGINT)) + {RESERVED_IDS} END AS INT)")
 
 
+# Java's String.trim(): characters <= U+0020 at either end (Spark's trim() strips only spaces)
+JAVA_TRIM_REGEX = "^[\\x00-\\x20]+|[\\x00-\\x20]+$"
+
+
+def regex_quote(ch: str) -> str:
+    """One character as a Java regular expression matching it literally: | -> \\|, a -> a."""
+    return "\\" + ch if ch in ".^$*+?()[]{}|\\" else ch
+
+
+def list_elements(name: str, f: CategoricalField) -> str:
+    """A list-valued field's text -> its kept elements (array<string>): split at ``f.list.delimiter``,
+    each element Java-trimmed, empty elements dropped, the first ``max_length`` kept; null -> null.
+
+        " Comedy |Drama||", max_length 32 -> ["Comedy", "Drama"]
+    """
+    assert f.list is not None
+    c = q(name)
+    split = f"split({c}, {string_literal(regex_quote(f.list.delimiter))}, -1)"
+    trimmed = f"transform({split}, x -> regexp_replace(x, {string_literal(JAVA_TRIM_REGEX)}, ''))"
+    return f"slice(filter({trimmed}, x -> x != ''), 1, {f.list.max_length})"
+
+
+def hash_list(name: str, f: CategoricalField) -> str:
+    """Column ``name`` holding list-valued field ``f``'s text -> its ids (array<int>): each kept element
+    (:func:`list_elements`) hashed exactly as one value of the field (:func:`hash_categorical`); an
+    empty or missing list -> [0] (missing).
+
+        "Comedy|Drama" -> [hash("Comedy"), hash("Drama")];  "" or " | " or null -> [0]
+    """
+    elements = list_elements(name, f)
+    one = (f"CAST(pmod(xxhash64({string_literal(f.name)}, x), CAST({f.hash_buckets - RESERVED_IDS} AS BIGINT)) "
+           f"+ {RESERVED_IDS} AS INT)")
+    return (f"CASE WHEN {q(name)} IS NULL OR size({elements}) = 0 THEN array({MISSING_ID}) "
+            f"ELSE transform({elements}, x -> {one}) END")
+
+
+def field_ids(name: str, f: CategoricalField) -> str:
+    """A categorical field's id expression: :func:`hash_list` for a list-valued field (array<int>),
+    :func:`hash_categorical` for one value (int)."""
+    return hash_list(name, f) if f.list is not None else hash_categorical(name, f)
+
+
 def log_square_bucket(name: str, f: ContinuousField) -> str:
     """The Criteo winners' rule: v <= 2 -> floor(v), else floor(ln(v)^2); capped at num_buckets - 1.
 

@@ -9,7 +9,7 @@ from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 
 from pipeline.contract import MISSING_ID, RARE_ID, CategoricalField, FeatureContract
-from pipeline.spark.sql import hash_categorical, log_square_bucket, q, quantile_bucket
+from pipeline.spark.sql import field_ids, log_square_bucket, q, quantile_bucket
 
 
 def within_days(rows: DataFrame, days: tuple[int, int] | None) -> DataFrame:
@@ -25,10 +25,12 @@ def within_days(rows: DataFrame, days: tuple[int, int] | None) -> DataFrame:
 
 def to_ids(parsed: DataFrame, contract: FeatureContract, boundaries: Mapping[str, Sequence[float]], seed: int,
            keep: Sequence[str] = ()) -> DataFrame:
-    """Parsed rows -> ``day``, ``label`` and one int id column per field (in contract order), ``_h``
-    and the ``keep`` columns. Rare values are mapped afterwards by :func:`map_rare`.
+    """Parsed rows -> ``day``, ``label`` and one int id column per field (in contract order; an
+    array<int> for a list-valued field), ``_h`` and the ``keep`` columns. Rare values are mapped
+    afterwards by :func:`map_rare`.
 
         C1="68fd1e64" (1000 buckets), I1=5.0 (log_square) -> C1=220, I1=4
+        genres="Comedy|Drama" (list) -> genres=[id of "Comedy", id of "Drama"]
 
     ``_h`` = xxhash64(day, label, ids..., seed) decides negative sampling and the shuffle: the same row
     gets the same decision in every run and partitioning. It hashes the ids rather than the 40 text
@@ -36,7 +38,7 @@ def to_ids(parsed: DataFrame, contract: FeatureContract, boundaries: Mapping[str
     out = []
     for f in contract.fields:
         if isinstance(f, CategoricalField):
-            out.append(hash_categorical(f.name, f))
+            out.append(field_ids(f.name, f))
         elif f.bucketing == "log_square":
             out.append(log_square_bucket(f.name, f))
         else:
@@ -60,12 +62,16 @@ def with_split(rows: DataFrame, split_days: Mapping[str, Sequence[int]]) -> Data
 
 
 def count_ids(ids: DataFrame, fields: Sequence[CategoricalField]) -> DataFrame:
-    """Per (field, id): how many rows carry it. Input: the train rows' ids. Output: field, id, count.
+    """Per (field, id): how many times it occurs (a row's one id; each element of a list-valued field's
+    list). Input: the train rows' ids. Output: field, id, count.
 
-        C1 ids [5, 5, 7] -> (C1, 5, 2), (C1, 7, 1)
+        C1 ids [5, 5, 7] -> (C1, 5, 2), (C1, 7, 1);  genres lists [[5, 7], [5]] -> (genres, 5, 2), (genres, 7, 1)
     """
-    stacked = ids.select(F.explode(F.array(*[
-        F.struct(F.lit(f.name).alias("field"), F.col(f.name).alias("id")) for f in fields])).alias("s"))
+    def pairs(f: CategoricalField) -> Column:
+        def pair(x: Column) -> Column:
+            return F.struct(F.lit(f.name).alias("field"), x.alias("id"))
+        return F.transform(F.col(f.name), pair) if f.list is not None else F.array(pair(F.col(f.name)))
+    stacked = ids.select(F.explode(F.flatten(F.array(*[pairs(f) for f in fields]))).alias("s"))
     return stacked.groupBy("s.field", "s.id").count()
 
 
@@ -82,11 +88,15 @@ def map_rare(ids: DataFrame, vocab: DataFrame, fields: Sequence[CategoricalField
              broadcast: bool = False) -> DataFrame:
     """Ids not in the frequent-id vocabulary (field, id) -> 1 (rare); 0 (missing) stays 0.
     ``broadcast``: join each field's ids as a broadcast (the rows keep their partitions and order: no
-    shuffle; the scoring job's choice, whose vocabulary comes from the model file).
+    shuffle; the scoring job's choice, whose vocabulary comes from the model file). A list-valued
+    field's elements are mapped one by one (:func:`map_rare_lists`).
 
-        vocab {(C1, 5)}; C1 ids [5, 7, 0] -> [5, 1, 0]
+        vocab {(C1, 5)}; C1 ids [5, 7, 0] -> [5, 1, 0];  genres [5, 7] -> [5, 1]
     """
-    for f in fields:
+    lists = [f for f in fields if f.list is not None]
+    if lists:
+        ids = map_rare_lists(ids, vocab, lists)
+    for f in (f for f in fields if f.list is None):
         keep = vocab.filter(F.col("field") == f.name).select(F.col("id").alias(f"_v_{f.name}"))
         if broadcast:
             keep = F.broadcast(keep)
@@ -95,6 +105,29 @@ def map_rare(ids: DataFrame, vocab: DataFrame, fields: Sequence[CategoricalField
                              .when(F.col(f"_v_{f.name}").isNull(), F.lit(RARE_ID))
                              .otherwise(F.col(f.name)).cast("int")).drop(f"_v_{f.name}")
     return ids
+
+
+def map_rare_lists(ids: DataFrame, vocab: DataFrame, fields: Sequence[CategoricalField]) -> DataFrame:
+    """:func:`map_rare` for list-valued fields: each element not in the vocabulary -> 1 (rare), 0 stays
+    0, the order kept. The rows' elements are exploded with their positions, joined with the field's
+    kept ids (broadcast: a vocabulary is at most a table's size), and gathered back by a row number
+    (one shuffle of the rows, only for list fields with a ``min_count``).
+
+        vocab {(genres, 5)}; genres [[5, 7], [0]] -> [[5, 1], [0]]
+    """
+    ids = ids.withColumn("_row", F.monotonically_increasing_id())
+    for f in fields:
+        keep = F.broadcast(vocab.filter(F.col("field") == f.name).select(F.col("id").alias("_v")).distinct())
+        rest = [c for c in ids.columns if c not in (f.name, "_row")]
+        exploded = ids.select("_row", *rest, F.posexplode(f.name).alias("_pos", "_e"))
+        mapped = exploded.join(keep, exploded["_e"] == keep["_v"], "left").withColumn(
+            "_e", F.when(F.col("_e") == MISSING_ID, F.lit(MISSING_ID)).when(F.col("_v").isNull(), F.lit(RARE_ID))
+            .otherwise(F.col("_e")).cast("int"))
+        gathered = mapped.groupBy("_row").agg(
+            *[F.first(c).alias(c) for c in rest],
+            F.array_sort(F.collect_list(F.struct("_pos", "_e"))).alias("_l"))
+        ids = gathered.select("_row", *rest, F.transform("_l", lambda s: s["_e"]).alias(f.name))
+    return ids.drop("_row")
 
 
 def sample_negatives(ids: DataFrame, rate: float, seed: int, only: Column | None = None) -> DataFrame:
