@@ -52,7 +52,7 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 
 from deepfm import sharded
-from deepfm.model import TOWERS, DeepFM, LogitParts, predict_proba, table_name
+from deepfm.model import FIRST_ORDER_DIM, TOWERS, DeepFM, LogitParts, predict_proba, table_name
 from deepfm.retrieval import ItemVectors, ann_recall, build_index, exact_topk, search
 from deepfm.two_tower import TwoTower
 from deepfm.state import TrainState
@@ -139,7 +139,7 @@ class ServingDeepFM(LogitParts):
 class ServingTower(nn.Module):
     """One side of a trained two_tower in plain torch: ``forward(ids int64 [B, W_side]) -> [B, D + 1 + O]``
     over that side's fields alone (deepfm.two_tower: user [Vec_U, 1, MLP_U], item [Vec_I, w_I, MLP_I]),
-    its tables stacked (:class:`PlainLookup`) and its MLP the model's own."""
+    its tables stacked (:class:`PlainLookup`; the user side's V columns only) and its MLP the model's own."""
 
     def __init__(self, model: TwoTower, side: str, layout: A.InputLayout):
         super().__init__()
@@ -147,8 +147,11 @@ class ServingTower(nn.Module):
         if tuple(names) != layout.fields:
             raise ValueError(f"the {side} tower reads {names}, the layout has {list(layout.fields)}")
         ebc = model.sparse.ebc
-        self.lookup = PlainLookup([ebc.embedding_bags[table_name(f)].weight.detach() for f in names], layout)
         self.dim = model.sparse.dim
+        # the user side reads V alone: its rows' first-order parts are not in the file
+        width = self.dim if side == "user" else self.dim + FIRST_ORDER_DIM
+        self.lookup = PlainLookup([ebc.embedding_bags[table_name(f)].weight.detach()[:, :width] for f in names],
+                                  layout)
         self.side = side
         self.tower = model.user_tower if side == "user" else model.item_tower
 

@@ -13,6 +13,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -239,7 +240,7 @@ def test_a_deepfm_on_a_list_field_exports_reloads_and_matches_the_eager_model(tm
     rows = export.split_rows(data, M.read(data), 1000)
     assert sorted(map(tuple, rows.tolist())) == sorted(map(tuple, got_ids))      # the same rows, padded alike
     # raw rows: a list as text (trimmed, empties dropped, the first 3 kept) or as a list of values
-    raw = [{"a": "x", "g": " p || q|r|s"}, {"a": "x", "g": ["p", "q", "r"]}, {"a": "x", "g": ""}, {}]
+    raw: list[dict[str, Any]] = [{"a": "x", "g": " p || q|r|s"}, {"a": "x", "g": ["p", "q", "r"]}, {"a": "x", "g": ""}, {}]
     ids = p.ids(raw)
     assert ids[0].tolist() == ids[1].tolist() and (ids[0, 1:] >= 2).all()
     assert ids[2].tolist()[1:] == [0, -1, -1] and ids[3].tolist() == [0, 0, -1, -1]
