@@ -103,7 +103,7 @@ class RecallEvaluator:
         import pyarrow.parquet as pq
         r = self.ds.manifest.recall
         assert r is not None
-        t = pq.read_table(self.ds.root / r.seen, columns=[layout.USER_INDEX, layout.ITEM_INDEX, "first_day"])
+        t = pq.read_table(self.ds.root / r.seen, columns=[layout.USER_INDEX, layout.ITEM_INDEX, layout.FIRST_DAY])
         return tuple(t.column(c).to_numpy().astype(np.int64) for c in t.column_names)     # type: ignore[return-value]
 
     @torch.no_grad()

@@ -42,7 +42,6 @@ class DataError(RuntimeError):
 
 LENGTH_SUFFIX = "__length"      # the transform's column of a list field's lengths, beside its padded ids
 RECALL_COLUMNS = (layout.USER_INDEX, layout.ITEM_INDEX)
-LOG_Q = "log_q"                 # the catalogue's sampling-bias correction, ln q(item)
 
 
 @dataclass(frozen=True)
@@ -94,7 +93,7 @@ class Dataset:
             raise DataError(f"{self.root}: not a recall output (its contract has no recall key): no catalogue")
         import pyarrow.parquet as pq
         item_fields = [f for f in self.manifest.fields if f.side == "item"]
-        t = pq.read_table(self.root / r.catalogue, columns=[layout.ITEM_INDEX, LOG_Q, *[f.name for f in item_fields]])
+        t = pq.read_table(self.root / r.catalogue, columns=[layout.ITEM_INDEX, layout.LOG_Q, *[f.name for f in item_fields]])
         order = np.argsort(t.column(layout.ITEM_INDEX).to_numpy())
         index = t.column(layout.ITEM_INDEX).to_numpy()[order]
         if not np.array_equal(index, np.arange(r.items)):
@@ -108,7 +107,7 @@ class Dataset:
                 cols[f.name], cols[f.name + LENGTH_SUFFIX] = padded[order], lengths[order]
             else:
                 cols[f.name] = col.to_numpy().astype(np.int32)[order]
-        return Catalogue(cols, t.column(LOG_Q).to_numpy().astype(np.float32)[order])
+        return Catalogue(cols, t.column(layout.LOG_Q).to_numpy().astype(np.float32)[order])
 
     @property
     def field_names(self) -> list[str]:
@@ -231,7 +230,7 @@ def columns_batch(cols: Mapping[str, np.ndarray], ds: "Dataset", valid: int | No
     if ds.is_recall:
         recall = {k: torch.from_numpy(cols[k].astype(np.int64)) for k in (*RECALL_COLUMNS, ds.day_column)}
         if log_q is not None:
-            recall[LOG_Q] = torch.from_numpy(log_q[cols[layout.ITEM_INDEX]].astype(np.float32))
+            recall[layout.LOG_Q] = torch.from_numpy(log_q[cols[layout.ITEM_INDEX]].astype(np.float32))
     return Batch(kjt, torch.from_numpy(cols[ds.label].astype(np.float32)), b if valid is None else valid, recall)
 
 

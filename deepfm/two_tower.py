@@ -56,7 +56,6 @@ if TYPE_CHECKING:
 USER_SIDES = ("user", "context")     # the user tower's fields (pipeline.contract.FeatureContract.side("user"))
 ITEM_SIDES = ("item",)
 LOSSES = ("softmax", "pointwise")
-LOG_Q = "log_q"                      # deepfm.inputs.LOG_Q: the batch's ln q(item) of each row
 
 
 class Tower(nn.Module):
@@ -192,7 +191,7 @@ class TwoTowerTrain(nn.Module):
         u, i = u.float(), i.float()
         scores = (u * i).sum(1)
         if self.loss == "softmax":
-            loss = in_batch_softmax_loss(u, i, batch.recall[layout.ITEM_INDEX], batch.recall[LOG_Q], batch.labels,
+            loss = in_batch_softmax_loss(u, i, batch.recall[layout.ITEM_INDEX], batch.recall[layout.LOG_Q], batch.labels,
                                          self.temperature)
         else:
             loss = self.loss_fn(scores, batch.labels)

@@ -43,6 +43,8 @@ def contract(fields: Mapping[str, Mapping[str, Any]], recall: Mapping[str, Any] 
 def _column(values: Any, is_list: bool) -> pa.Array:
     if is_list:
         return pa.array([list(map(int, v)) for v in values], pa.list_(pa.int32()))
+    if np.asarray(values).dtype.kind == "f":
+        return pa.array(np.asarray(values, np.float64))
     return pa.array(np.asarray(values, np.int32), pa.int32())
 
 
@@ -134,18 +136,22 @@ def recall_output(root: Path, seed: int, users: int = 64, items: int = 200, grou
             it = np.concatenate([it, rng.integers(0, items, len(rows) - len(it))])
         perm = rng.permutation(len(rows))
         splits[name] = (ds, columns(rows[perm], label[perm], it[perm]))
+        if random_negatives:        # docs/recall.md: in every split, 1 / items for a drawn row, 1.0 for a positive
+            splits[name][1][layout.SAMPLE_PROB] = np.where(label[perm] == 1, 1.0, 1.0 / items)
     cat = pa.table({layout.ITEM_INDEX: pa.array(np.arange(items, dtype=np.int32)),
-                    "item_key": pa.array([f"item{i}" for i in range(items)]),
+                    layout.ITEM_KEY: pa.array([f"item{i}" for i in range(items)]),
                     "item_id": pa.array(np.arange(2, items + 2, dtype=np.int32)),
                     "item_genres": pa.array(genres, pa.list_(pa.int32())),
-                    "train_count": pa.array(counts.astype(np.int64)), "log_q": pa.array(log_q)})
-    for folder, table in ((layout.CATALOGUE, cat), (layout.SEEN, _seen(user, item, day)),
+                    layout.TRAIN_COUNT: pa.array(counts.astype(np.int64)), layout.LOG_Q: pa.array(log_q)})
+    seen = _seen(user, item, day)
+    for folder, table in ((layout.CATALOGUE, cat), (layout.SEEN, seen),
                           (layout.USERS, pa.table({layout.USER_INDEX: pa.array(np.arange(users, dtype=np.int32)),
-                                                   "user_key": pa.array([f"user{u}" for u in range(users)])}))):
+                                                   layout.USER_KEY: pa.array([f"user{u}" for u in range(users)])}))):
         (root / folder).mkdir(parents=True)
         pq.write_table(table, root / folder / "part-00000.parquet")
     info = M.RecallInfo(user_key="user_id", item_key="item_id", items=items, users=users,
-                        train_positives=int(train.sum()), random_negatives=random_negatives)
+                        train_positives=int(train.sum()), seen_rows=len(seen), item_fields=("item_id", "item_genres"),
+                        random_negatives=random_negatives, sample_prob=layout.SAMPLE_PROB if random_negatives else None)
     return write_output(root, c, splits, info)
 
 
@@ -157,4 +163,4 @@ def _seen(user: np.ndarray, item: np.ndarray, day: np.ndarray) -> pa.Table:
     keys = sorted(first)
     return pa.table({layout.USER_INDEX: pa.array([k[0] for k in keys], pa.int32()),
                      layout.ITEM_INDEX: pa.array([k[1] for k in keys], pa.int32()),
-                     "first_day": pa.array([first[k] for k in keys], pa.int32())})
+                     layout.FIRST_DAY: pa.array([first[k] for k in keys], pa.int32())})

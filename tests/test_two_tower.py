@@ -168,7 +168,7 @@ def test_a_train_batch_of_recall_data_holds_the_indexes_and_log_q(recall_data: P
     b = next(it)
     it.close()
     item = b.recall[layout.ITEM_INDEX].numpy()
-    assert_close(b.recall[inputs.LOG_Q], torch.from_numpy(ds.catalogue.log_q[item]))
+    assert_close(b.recall[layout.LOG_Q], torch.from_numpy(ds.catalogue.log_q[item]))
     assert torch.equal(b.kjt.to_dict()["item_id"].values(), torch.from_numpy(item + 2))
 
 
