@@ -40,14 +40,15 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from pipeline import generate_recall as recall_mode
 from pipeline import layout
 from pipeline.contract import FeatureContract, load_contract
 
 log = logging.getLogger("pipeline.generate")
 
 CHUNK_ROWS = 50_000          # part of the determinism contract: changing it changes the rows
-RECALL_DAYS = 10             # a recall contract's default set (pipeline.generate_recall): 8 train days,
-RECALL_ROWS_PER_DAY = 300_000  # valid, test; about 12 train clicks a user at 20,000 users
+DEFAULT_DAYS = 3
+DEFAULT_ROWS_PER_DAY = 100_000
 LATENT_DIM = 4
 _M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 
@@ -307,18 +308,23 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--config", default=str(Path(__file__).resolve().parent.parent / "conf" / "criteo.yaml"),
                    help="feature contract whose layout to write (default conf/criteo.yaml)")
     p.add_argument("--days", type=int, default=None,
-                   help=f"how many days (default 3; a recall contract: {RECALL_DAYS})")
+                   help=f"how many days (default {DEFAULT_DAYS}; a recall contract: {recall_mode.DEFAULT_DAYS})")
     p.add_argument("--first-day", type=int, default=0, help="number of the first day (default 0)")
     p.add_argument("--rows-per-day", type=int, default=None,
-                   help=f"default 100,000; a recall contract: {RECALL_ROWS_PER_DAY:,}")
+                   help=f"default {DEFAULT_ROWS_PER_DAY:,}; a recall contract: {recall_mode.DEFAULT_ROWS_PER_DAY:,}")
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--max-cardinality", type=int, default=2_000_000,
                    help="distinct values of the largest categorical field")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    p.add_argument("--users", type=int, default=None,
-                   help="a recall contract (pipeline.generate_recall): how many users (default 20,000)")
-    p.add_argument("--items", type=int, default=None, help="a recall contract: how many items (default 5,000)")
+    p.add_argument("--users", type=int, default=None, help="a recall contract (pipeline.generate_recall): "
+                   f"how many users (default {recall_mode.DEFAULT_USERS:,})")
+    p.add_argument("--items", type=int, default=None,
+                   help=f"a recall contract: how many items (default {recall_mode.DEFAULT_ITEMS:,})")
     return p.parse_args(argv)
+
+
+def _given(value: int | None, default: int) -> int:
+    return default if value is None else value
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -326,17 +332,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
     a = parse_args(argv)
     contract = load_contract(a.config)
     if contract.recall is not None:                 # a recall contract: users, items and their clicks
-        from pipeline import generate_recall
-        days = list(range(a.first_day, a.first_day + (a.days or RECALL_DAYS)))
-        rows_per_day = a.rows_per_day or RECALL_ROWS_PER_DAY
-        summary = generate_recall.generate(contract, a.out, days, rows_per_day, a.seed, a.workers,
-                                           users=a.users or generate_recall.DEFAULT_USERS,
-                                           items=a.items or generate_recall.DEFAULT_ITEMS)
+        days = list(range(a.first_day, a.first_day + _given(a.days, recall_mode.DEFAULT_DAYS)))
+        rows_per_day = _given(a.rows_per_day, recall_mode.DEFAULT_ROWS_PER_DAY)
+        summary = recall_mode.generate(contract, a.out, days, rows_per_day, a.seed, a.workers,
+                                       users=_given(a.users, recall_mode.DEFAULT_USERS),
+                                       items=_given(a.items, recall_mode.DEFAULT_ITEMS))
     else:
         if a.users is not None or a.items is not None:
             raise ValueError(f"--users / --items: only for a recall contract ({a.config} has no recall key)")
-        days = list(range(a.first_day, a.first_day + (a.days or 3)))
-        rows_per_day = a.rows_per_day or 100_000
+        days = list(range(a.first_day, a.first_day + _given(a.days, DEFAULT_DAYS)))
+        rows_per_day = _given(a.rows_per_day, DEFAULT_ROWS_PER_DAY)
         summary = generate(contract, a.out, days, rows_per_day, a.seed, a.workers, a.max_cardinality)
     rows = rows_per_day * len(days)
     print(f"generated {len(days)} day(s) x {rows_per_day} rows into {a.out} in {summary['seconds']} s "

@@ -41,14 +41,18 @@ import numpy as np
 
 from pipeline import layout
 from pipeline.contract import FeatureContract
-from pipeline.generate import CHUNK_ROWS
 
 log = logging.getLogger("pipeline.generate_recall")
 
 COLUMNS = ("user_id", "user_age", "user_gender", "user_city", "item_id", "item_category", "item_brand",
            "item_genres", "item_price", "hour")      # what this generator writes, besides the label
+CHUNK_ROWS = 50_000          # part of the determinism contract: changing it changes the rows
+# The default set (python -m pipeline.generate --config conf/recall.yaml): 8 train days, valid, test;
+# about 12 train clicks a user.
 DEFAULT_USERS = 20_000
 DEFAULT_ITEMS = 5_000
+DEFAULT_DAYS = 10
+DEFAULT_ROWS_PER_DAY = 300_000
 LATENT_DIM = 8
 AGES = ("18-24", "25-34", "35-44", "45-54", "55-64", "65+")
 AGE_P = (0.14, 0.27, 0.23, 0.17, 0.11, 0.08)
