@@ -32,8 +32,9 @@ Losses (:class:`TwoTowerTrain`):
   loss = mean over this rank's positives of cross_entropy(logit_i., i).
 - ``pointwise``: BCE(<u, v>, label) on the train split's labelled rows: its positives and the featurize
   job's random negatives (``recall.random_negatives`` > 0). They are drawn uniformly from the catalogue,
-  so their ``sample_prob`` is one constant: a logQ-like correction would shift every negative's logit
-  by the same amount (what the output layers' biases absorb) and change no ranking, so none is applied.
+  so their ``sample_prob`` is one constant (1 / items): a logQ-like correction would shift every
+  negative's logit by the same amount (what the output layers' biases absorb) and change no ranking,
+  so none is applied.
 """
 from __future__ import annotations
 
