@@ -28,7 +28,7 @@ from tests.conftest import CONF, ROOT, run_torchrun
 
 pytestmark = pytest.mark.slow
 
-DAYS, ROWS_PER_DAY, USERS, ITEMS, SEED = 6, 60_000, 2_000, 1_000, 3
+DAYS, ROWS_PER_DAY, USERS, ITEMS, SEED = 5, 50_000, 2_000, 1_000, 3
 HELDOUT = DAYS - 1                  # the test day; DAYS - 2 is valid, the days before train
 K = 50
 TRAIN = ["--model", "two_tower", "--batch-size", "512", "--tower-hidden", "64", "--tower-dim", "16", "--dropout", "0",
@@ -41,7 +41,7 @@ def featurize(raw: Path, out: Path) -> None:
     env.pop("PYSPARK_GATEWAY_PORT", None)
     r = subprocess.run(
         ["spark-submit", "--master", "local[2]", "--conf", "spark.ui.enabled=false",
-         "--conf", "spark.sql.shuffle.partitions=4",
+         "--conf", "spark.sql.shuffle.partitions=2",
          "--driver-java-options", f"-Dlog4j2.configurationFile=file:{ROOT}/tools/log4j2.properties",
          str(ROOT / "jobs" / "featurize.py"), "--input", str(raw), "--output", str(out),
          "--config", str(CONF / "recall.yaml")],
@@ -129,7 +129,7 @@ def pipeline_run(tmp_path_factory) -> dict[str, Any]:
     featurize(raw, root / "feat")
     config = root / "train.yaml"
     config.write_text(f"recall_k: [{K}]\n")
-    metrics = train(root / "feat", root / "run", config, epochs=4)
+    metrics = train(root / "feat", root / "run", config, epochs=3)
     out = root / "model" / "user_tower.pt2"
     card = export.main(["--run", str(root / "run"), "--out", str(out), "--index", "flat"])
     control = train(shuffled_copy(root / "feat", root / "shuffled", SEED + 1), root / "run_shuffled", config, epochs=2)

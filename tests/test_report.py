@@ -285,3 +285,48 @@ def test_runfiles_predictions_round_trip_and_subsample_deterministically(tmp_pat
 
 def test_loss_points_every_ten_steps_then_about_five_hundred():
     assert [runfiles.loss_every(n) for n in (1, 60, 5000, 5001, 33_000, 1_000_000)] == [10, 10, 10, 20, 70, 2000]
+
+
+# --- a recall run (model two_tower) ----------------------------------------------------------------
+
+def test_a_recall_run_gets_its_metrics_beside_the_generators_popularity_and_ceiling(tmp_path: Path):
+    from pipeline.contract import load_contract
+    from pipeline.generate_recall import generate
+    from pipeline.recall_truth import baselines
+    from tests.recall_data import recall_output
+    raw = tmp_path / "raw"
+    generate(load_contract(ROOT / "conf" / "recall.yaml"), raw, list(range(5)), 3000, seed=4, users=150, items=80)
+    feat = recall_output(tmp_path / "feat", seed=1)             # train days 0-2, valid 3, test 4; a list field
+    m = M.read(feat)
+    M.write(feat, dataclasses.replace(m, input=dataclasses.replace(
+        m.input, path=str(raw), files=tuple(f"file:{raw}/day_{d}" for d in range(5)))))
+    test = {"recall@10": 0.25, "hit_rate@10": 0.5, "ndcg@10": 0.125, "recall@50": 0.625, "hit_rate@50": 0.75,
+            "ndcg@50": 0.375, "random_recall@10": 0.0625, "random_hit_rate@10": 0.1, "random_ndcg@10": 0.03,
+            "users": 40.0, "rows": 300.0}
+    hist = [{"step": 10, "epoch": 1, **{k: v / 2 for k, v in test.items() if "@" in k}, "users": 41.0},
+            {"step": 20, "epoch": 2, **test}]
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / layout.METRICS).write_text(json.dumps({
+        "model": "two_tower", "world_size": 2, "device": "cpu", "precision": "fp32", "data": str(feat),
+        "global_step": 20, "train": {"examples": 20 * 256, "seconds": 2.0, "examples_per_s": 2560.0},
+        "valid": test, "valid_best_step": 20, "weights_from_step": 20, "history": hist, "test": test}))
+    runfiles.write_curves(run, [[s, 3.0 - s / 10] for s in range(1, 21)], 1)
+    out = R.main(["--run", str(run), "--out", str(tmp_path / "report.html")])
+    t = parse(out)
+    assert "test-metrics" not in t.tables                            # no AUC table for rankings
+    rows = rows_of(t, "recall")
+    heads = ["recall@10", "hit_rate@10", "ndcg@10", "recall@50", "hit_rate@50", "ndcg@50"]
+    assert [value(c) for c in rows["two_tower"][1:7]] == [test[k] for k in heads]
+    assert value(rows["two_tower"][7]) == 0.0625 and value(rows["two_tower"][8]) == 40
+    truth = baselines(raw, heldout_day=4, train_days=[0, 1, 2], ks=(10, 50))
+    for kind in ("popularity", "ceiling", "random"):
+        row = next(r for name, r in rows.items() if name.startswith(kind))
+        assert [value(c) for c in row[1:7]] == [truth[kind][k] for k in heads], kind
+        assert value(row[8]) == truth["users"]
+    assert value(rows["two_tower"][9]) == pytest.approx(0.25 / truth["ceiling"]["recall@10"])
+    assert truth["ceiling"]["recall@10"] > truth["popularity"]["recall@10"] > truth["random"]["recall@10"]
+    hist_rows = t.tables["history-0"]
+    assert [value(c) for c in hist_rows[1][2:8]] == [test[k] / 2 for k in heads] and value(hist_rows[1][8]) == 41
+    fill = rows_of(t, "tables")
+    assert value(fill["item_genres"][6]) == 7                      # a list field's ids: 4 groups + 3 extra genres
