@@ -29,7 +29,8 @@ USER_KEY = "user_key"           # users: the raw user key (text)
 TRAIN_COUNT = "train_count"     # catalogue: the item's positives in the train days
 LOG_Q = "log_q"                 # catalogue: ln((train_count + 1) / (train positives + items)), the logQ correction
 FIRST_DAY = "first_day"         # seen: the first day the user clicked the item
-PAIRS = "_pairs"                # STAGING/_pairs (recall): per (user key, item key) aggregates, deleted before the commit
+PAIRS = "recall_pairs"          # STAGING/recall_pairs: per (user key, item key) aggregates, deleted before the commit
+                                # (not "_pairs": Spark's reader ignores a path starting with "_" and warns)
 WRITTEN = "_all"                # STAGING/_all: the one flat write, before its files move into the splits
 STAGING_INFIX = ".__staging-"   # OUTPUT.__staging-<id>: where a run writes, renamed to OUTPUT at the end
 OLD_INFIX = ".__old-"           # OUTPUT.__old-<id>: the replaced output (--overwrite), deleted after the rename

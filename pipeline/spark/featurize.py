@@ -428,7 +428,7 @@ def sampling_rates(c: FeatureContract) -> dict[str, float]:
 def write_recall_tables(spark: SparkSession, fs: HadoopFS, ids: DataFrame, c: FeatureContract,
                         vocab: FittedVocabulary | None, staging: str, phase: Phases) -> RecallTables:
     """A recall contract's pass before the one pass: aggregate the good rows per (user key, item key)
-    (written to ``staging/_pairs``, deleted at the end), check that every item-side field is constant
+    (written to ``staging/recall_pairs``, deleted at the end), check that every item-side field is constant
     per item key (:class:`FeaturizeError` naming the field and a key, before any output is written),
     then write ``catalogue/`` (its ids rare-mapped as the splits' are), ``users/`` and ``seen/``, and
     read the indexes back for the pass's joins."""
@@ -584,7 +584,7 @@ def check_reject_limit(fs: HadoopFS, c: FeatureContract, staging: str, lines: in
     the staging folder kept holding only the rejects (and their reasons) for inspection."""
     limit = c.quality.max_reject_fraction
     refuse_over_reject_limit(fs, staging, lines, sum(rejects.values()), limit,
-                             (*SPLITS, layout.VOCAB, layout.CATALOGUE, layout.USERS, layout.SEEN),
+                             (*SPLITS, layout.VOCAB, layout.CATALOGUE, layout.USERS, layout.SEEN, layout.PAIRS),
                              f"quality.max_reject_fraction={limit}")
 
 
