@@ -534,7 +534,11 @@ def export_towers(run: Path, ckpt: Path, state: TrainState, root: Path, m: Manif
 
     vocab = read_vocabulary(root, m)
     featurizer = RowFeaturizer(m.contract, m.boundaries, vocab)
-    rows = [{k: v for k, v in r.items() if k in lay.fields} for r in golden_rows(m, featurizer, GOLDEN_LINES)]
+    rows = []
+    for r in golden_rows(m, featurizer, GOLDEN_LINES):        # restricted to the user tower's fields, once each
+        mine = {k: v for k, v in r.items() if k in lay.fields}
+        if mine not in rows:
+            rows.append(mine)
     gids = A.graph_ids(featurizer, lay, rows)
     with torch.no_grad():
         gv = model.user_vectors(kjt_of_jagged(lay.jagged(gids), keys, len(gids))).double().numpy()

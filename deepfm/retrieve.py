@@ -183,9 +183,10 @@ def main(argv: Sequence[str] | None = None, out: IO[str] | None = None) -> list[
     return results
 
 
-def cli() -> None:
+def cli(argv: Sequence[str] | None = None) -> None:
+    """The command: :func:`main`, a refusal said in one line and exit code 2."""
     try:
-        main()
+        main(argv)
     except (RetrieveError, A.ArtifactError) as e:
         print(f"retrieve: error: {e}", file=sys.stderr)
         sys.exit(2)

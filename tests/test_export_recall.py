@@ -191,16 +191,46 @@ def test_an_hnsw_index_reports_its_recall_against_the_exact_search(towers: dict,
     assert card.retrieval.items_digest == towers["card"].retrieval.items_digest     # the same model, the same items
 
 
-def test_retrieve_refuses_item_vectors_of_another_model_and_each_loader_the_other_graph(towers: dict, tmp_path: Path):
+def test_retrieve_refuses_item_vectors_of_another_model_and_each_loader_the_other_graph(towers: dict, tmp_path: Path,
+                                                                                        capsys):
     iv = ItemVectors.read(towers["items"])
     other = tmp_path / "items.parquet"
     ItemVectors(iv.keys, iv.index, iv.vectors * 2).write(other)
-    r = subprocess.run([sys.executable, "-m", "deepfm.retrieve", "--model", str(towers["out"]), "--items", str(other),
-                        "--user-row", '{"user_id": "u1"}'], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 2 and "retrieve: error:" in r.stderr and "digest" in r.stderr, r.stderr[-2000:]
-    assert "Traceback" not in r.stderr
+    with pytest.raises(SystemExit) as e:
+        retrieve.cli(["--model", str(towers["out"]), "--items", str(other), "--user-row", '{"user_id": "u1"}'])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("retrieve: error: --items") and "digest" in err
+    assert len(err.strip().splitlines()) == 1
     with pytest.raises(A.ArtifactError, match="user_vector .*load it with deepfm.serving.UserEncoder"):
         Predictor.load(towers["out"])
+
+
+BLOCK = """
+import importlib.abc, json, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in ("torchrec", "fbgemm_gpu", "pyspark", "petastorm"):
+            raise ImportError("blocked: " + name)
+sys.meta_path.insert(0, Block())
+from deepfm.serving import UserEncoder
+e = UserEncoder.load(sys.argv[1])
+v = e.vectors([json.loads(sys.argv[3])]).tolist()
+no_pyarrow = "pyarrow" not in sys.modules
+from deepfm import retrieve
+retrieve.main(["--model", sys.argv[1], "--items", sys.argv[2], "--user-row", sys.argv[3], "--k", "5"])
+print(json.dumps({"v": v, "no_pyarrow": no_pyarrow, "mods": sorted({m.split(".")[0] for m in sys.modules})}))
+"""
+
+
+def test_the_user_tower_and_retrieve_run_where_torchrec_fbgemm_and_pyspark_cannot_be_imported(towers: dict):
+    row = {"user_id": "user3", "hour": "7"}
+    r = subprocess.run([sys.executable, "-c", BLOCK, str(towers["out"]), str(towers["items"]), json.dumps(row)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    hits, out = (json.loads(x) for x in r.stdout.strip().splitlines()[-2:])
+    assert out["no_pyarrow"] and not set(out["mods"]) & {"torchrec", "fbgemm_gpu", "pyspark", "petastorm"}
+    np.testing.assert_allclose(out["v"], UserEncoder.load(towers["out"]).vectors([row]), rtol=0, atol=1e-6)
+    assert hits["items"] == [h for h in retrieve.Retriever.load(towers["out"], towers["items"]).top_k([row], 5)[0].keys]
 
 
 def test_a_raw_log_line_is_a_row_too(towers: dict):

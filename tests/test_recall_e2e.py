@@ -16,6 +16,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -123,20 +124,33 @@ def pipeline_run(tmp_path_factory) -> dict[str, Any]:
     from pipeline.recall_truth import baselines
     root = tmp_path_factory.mktemp("recall_e2e")
     raw = root / "raw"
+    seconds: dict[str, float] = {}
+    t = time.perf_counter()
+
+    def lap(step: str) -> None:
+        nonlocal t
+        seconds[step] = round(time.perf_counter() - t, 1)
+        t = time.perf_counter()
     generate.main(["--config", str(CONF / "recall.yaml"), "--out", str(raw), "--days", str(DAYS), "--rows-per-day",
                    str(ROWS_PER_DAY), "--users", str(USERS), "--items", str(ITEMS), "--seed", str(SEED),
                    "--workers", "2"])
+    lap("generate")
     featurize(raw, root / "feat")
+    lap("featurize")
     config = root / "train.yaml"
     config.write_text(f"recall_k: [{K}]\n")
     metrics = train(root / "feat", root / "run", config, epochs=3)
+    lap("train")
     out = root / "model" / "user_tower.pt2"
     card = export.main(["--run", str(root / "run"), "--out", str(out), "--index", "flat"])
+    lap("export")
     control = train(shuffled_copy(root / "feat", root / "shuffled", SEED + 1), root / "run_shuffled", config, epochs=2)
+    lap("control")
     truth = baselines(raw, heldout_day=HELDOUT, train_days=range(DAYS - 2), ks=(K,))
+    lap("baselines")
     return {"raw": raw, "data": root / "feat", "model": out, "items": out.with_name("items.parquet"),
             "index": out.with_name("items.flat.faiss"), "card": card, "metrics": metrics, "control": control,
-            "truth": truth}
+            "truth": truth, "seconds": seconds}
 
 
 def test_the_exported_towers_recall_beats_popularity_and_reaches_most_of_the_ceiling(pipeline_run: dict):
@@ -145,7 +159,7 @@ def test_the_exported_towers_recall_beats_popularity_and_reaches_most_of_the_cei
     r, pop, ceiling = got[f"recall@{K}"], truth["popularity"][f"recall@{K}"], truth["ceiling"][f"recall@{K}"]
     print(f"\nrecall@{K}: exported {r:.4f} (trainer's test {test[f'recall@{K}']:.4f}), popularity {pop:.4f}, "
           f"ceiling {ceiling:.4f} ({r / ceiling:.2f}x), random {truth['random'][f'recall@{K}']:.4f}, shuffled control "
-          f"{pipeline_run['control']['test'][f'recall@{K}']:.4f}; users {got['users']:.0f}")
+          f"{pipeline_run['control']['test'][f'recall@{K}']:.4f}; users {got['users']:.0f}; seconds {pipeline_run['seconds']}")
     assert got["users"] == truth["users"] == test["users"]             # the same held-out users everywhere
     assert r == pytest.approx(test[f"recall@{K}"], abs=2e-3)           # raw lines -> export = the trainer's evaluation
     assert r >= pop + 0.1 and r >= 1.3 * pop
