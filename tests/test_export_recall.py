@@ -33,6 +33,8 @@ from pipeline import manifest as M
 from tests.conftest import ROOT
 from tests.recall_data import list_output, recall_output
 
+pytestmark = pytest.mark.slow          # trains and exports (tens of seconds), like tests/test_export.py
+
 TOWER_SETTINGS = {"model": "two_tower", "tower_hidden": [16], "tower_dim": 8, "dropout": 0.0, "bf16": False,
                   "temperature": 0.2}
 DEEPFM_SETTINGS = {"model": "deepfm", "hidden": [16], "dropout": 0.0, "bf16": False}
@@ -50,7 +52,7 @@ def write_checkpoint(run: Path, model: torch.nn.Module, data: Path, settings: di
     return ckpt
 
 
-def train_towers(data: Path, epochs: int = 12) -> tuple[TwoTower, int]:
+def train_towers(data: Path, epochs: int = 6) -> tuple[TwoTower, int]:
     """The eager TwoTower trained by the in-batch softmax (TwoTowerTrain) under Adam on the train split."""
     ds = inputs.open_dataset(data)
     torch.manual_seed(3)
