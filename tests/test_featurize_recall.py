@@ -239,3 +239,16 @@ def test_list_ids_on_a_tiny_frame(spark):
     got = [r[0] for r in spark.createDataFrame([(t,) for t in texts], "genres string")
            .selectExpr(hash_list("genres", f)).collect()]
     assert got == [[0], [0], [0], [43, 4, 29], [51, 89], [51, 89], [categorical_id("genres", "a|b", 100)]]
+
+
+def test_scoring_packs_list_fields_padded_as_the_graph_reads_them(spark):
+    """jobs/score.py hands its workers a list field as max_length ids padded with -1
+    (pipeline.artifact.InputLayout's example), and --with-ids unpacks it back to the list."""
+    import numpy as np
+    from pipeline.spark.sql import pack_ids_binary, unpack_ids_binary
+    df = spark.createDataFrame([(4, [5, 6]), (7, [0])], "a int, g array<int>")
+    packed = df.selectExpr(f"{pack_ids_binary(['a', 'g'], [1, 3])} AS `_ids`")
+    blobs = [r[0] for r in packed.collect()]
+    assert np.frombuffer(b"".join(blobs), ">i4").reshape(2, 4).tolist() == [[4, 5, 6, -1], [7, 0, -1, -1]]
+    back = packed.selectExpr(*unpack_ids_binary("_ids", ["a", "g"], [1, 3])).collect()
+    assert [(r["a"], r["g"]) for r in back] == [(4, [5, 6]), (7, [0])]

@@ -136,7 +136,8 @@ def with_random_negatives(rows: DataFrame, catalogue_ids: DataFrame, c: FeatureC
     items), n = 1..k: the same draws in every run) and that item's item-side ids; ``sample_prob`` is
     1 / items for a drawn row, 1.0 for a positive (not drawn); a drawn row's ``_h`` is a hash of its own
     (the shuffle's placement). A draw may be the positive's own item (probability 1 / items): it is
-    kept, so that every draw has the stated probability.
+    kept, so that every draw has the stated probability. (The draws hash the row's ids: two train
+    positives with the same ids and day draw the same items.)
 
     One pass: each row is exploded into itself (n = 0) and its draws, and the item-side fields of all
     of them are taken from ``catalogue_ids`` (item_index and the item fields, rare ids mapped), which

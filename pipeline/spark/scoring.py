@@ -344,10 +344,6 @@ def featurize_lines(lines: DataFrame, model: Model, vocab: DataFrame | None, kee
     checks and id expressions with the model's boundaries and ``vocab`` (:func:`vocabulary_frame`)."""
     c = model.contract
     m = model.card.manifest
-    lists = [f.name for f in c.categorical if f.list is not None]
-    if lists:      # their ids are arrays, which the packed _ids (one int a field) cannot carry
-        raise ScoreError(f"--model {model.path}: list-valued field(s) {', '.join(lists)}: jobs/score.py does not "
-                         "score list fields yet")
     parsed = parse_lines(lines, c, keep=keep, require_day=False, require_label=False)
     try:
         ids = to_ids(parsed, c, m.boundaries, c.sampling.seed, keep=["_reason", *keep])
@@ -358,7 +354,15 @@ def featurize_lines(lines: DataFrame, model: Model, vocab: DataFrame | None, kee
         assert vocab is not None
         ids = map_rare(ids, vocab, rare, broadcast=True)
     return ids.selectExpr(*[q(k) for k in keep], q(M.LABEL_COLUMN),
-                          f"CASE WHEN `_reason` IS NULL THEN {pack_ids_binary(c.field_names)} END AS `_ids`")
+                          f"CASE WHEN `_reason` IS NULL THEN {pack_ids_binary(c.field_names, list_widths(m))} END "
+                          "AS `_ids`")
+
+
+def list_widths(m: M.Manifest) -> tuple[int, ...] | None:
+    """The graph's columns per field when a field is list-valued (pipeline.artifact.InputLayout: its
+    ``max_length`` ids, padded), else None (one id a field)."""
+    lay = A.InputLayout.of(m)
+    return lay.widths if lay.has_lists else None
 
 
 # --- in the executors ----------------------------------------------------------------------------------------
@@ -557,13 +561,14 @@ def score_lines(spark: SparkSession, o: Options, model: Model, lines: DataFrame,
         sc = spark.sparkContext
         rejected, scored = sc.accumulator(0), sc.accumulator(0)
         fn = partial(score_partition, name=ship_model(spark, model), fingerprint=model.fingerprint,
-                     n_fields=len(c.fields), batch_rows=o.batch_rows, with_ids=o.with_ids, rejected=rejected,
+                     n_fields=A.InputLayout.of(model.card.manifest).width, batch_rows=o.batch_rows,
+                     with_ids=o.with_ids, rejected=rejected,
                      scored=scored)
         schema = StructType([*key.fields, StructField(M.LABEL_COLUMN, IntegerType()),
                              StructField("logit", FloatType()), StructField("probability", DoubleType()),
                              *([StructField("_ids", BinaryType())] if o.with_ids else [])])
         result = spark.createDataFrame(packed.rdd.mapPartitions(fn), schema, verifySchema=False)
-        ids = unpack_ids_binary("_ids", c.field_names) if o.with_ids else []
+        ids = unpack_ids_binary("_ids", c.field_names, list_widths(model.card.manifest)) if o.with_ids else []
         result.selectExpr(*key.out, *SCORE_COLUMNS, *ids).write.parquet(path)
     finally:
         if vocab is not None:

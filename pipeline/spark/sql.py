@@ -179,24 +179,46 @@ def unpack_ints(names: Sequence[str]) -> list[str]:
     return out
 
 
-def pack_ids_binary(names: Sequence[str]) -> str:
+def pack_ids_binary(names: Sequence[str], widths: Sequence[int] | None = None) -> str:
     """Non-negative int columns -> one binary value of 4 big-endian bytes per column, in order: what the
     scoring job hands its Python workers (one bytes object a row, read there with one
     ``numpy.frombuffer(..., ">i4")`` per batch, rather than 40 ints a row to unpickle).
-    :func:`unpack_ids_binary` undoes it.
+    :func:`unpack_ids_binary` undoes it. ``widths`` (pipeline.artifact.InputLayout's): a column of
+    width w > 1 is a list-valued field's array<int>, written as w ids, its own and then -1
+    (pipeline.artifact.PAD_ID) up to w.
 
-        a=1, b=300 -> X'00000001' || X'0000012C'
+        a=1, b=300 -> X'00000001' || X'0000012C';  a=1, g=[5] (width 2) -> X'00000001' || X'00000005' || X'FFFFFFFF'
     """
-    return "unhex(concat(" + ", ".join(f"lpad(hex({q(n)}), 8, '0')" for n in names) + "))"
+    ws = widths or [1] * len(names)
+
+    def one(x: str) -> str:
+        return f"CASE WHEN {x} < 0 THEN 'FFFFFFFF' ELSE lpad(hex({x}), 8, '0') END" if widths else f"lpad(hex({x}), 8, '0')"
+
+    parts = [one(q(n)) if w == 1 else ", ".join(one(f"coalesce(try_element_at({q(n)}, {k}), -1)") for k in range(1, w + 1))
+             for n, w in zip(names, ws)]
+    return "unhex(concat(" + ", ".join(parts) + "))"
 
 
-def unpack_ids_binary(column: str, names: Sequence[str]) -> list[str]:
-    """The binary column of :func:`pack_ids_binary` -> the int columns ``names`` again.
+def unpack_ids_binary(column: str, names: Sequence[str], widths: Sequence[int] | None = None) -> list[str]:
+    """The binary column of :func:`pack_ids_binary` -> the int columns ``names`` again (a list-valued
+    field's, width > 1, as its array<int> without the padding).
 
-        X'00000001' || X'0000012C' -> a=1, b=300
+        X'00000001' || X'0000012C' -> a=1, b=300;  X'00000001' || X'00000005' || X'FFFFFFFF' -> a=1, g=[5]
     """
     c = q(column)
-    return [f"CAST(conv(hex(substring({c}, {4 * j + 1}, 4)), 16, 10) AS INT) AS {q(n)}" for j, n in enumerate(names)]
+
+    def one(j: int) -> str:      # 4 bytes at position j as a signed int (conv gives 0 .. 2^32 - 1)
+        v = f"CAST(conv(hex(substring({c}, {4 * j + 1}, 4)), 16, 10) AS BIGINT)"
+        return f"CAST(CASE WHEN {v} >= 2147483648 THEN {v} - 4294967296 ELSE {v} END AS INT)"
+
+    if widths is None:
+        return [f"CAST(conv(hex(substring({c}, {4 * j + 1}, 4)), 16, 10) AS INT) AS {q(n)}" for j, n in enumerate(names)]
+    out, at = [], 0
+    for n, w in zip(names, widths):
+        out.append(f"{one(at)} AS {q(n)}" if w == 1 else
+                   f"filter(array({', '.join(one(at + k) for k in range(w))}), x -> x >= 0) AS {q(n)}")
+        at += w
+    return out
 
 
 # One well-formed UTF-8 sequence (RFC 3629: no overlong forms, no surrogates, at most U+10FFFF) as
