@@ -246,6 +246,14 @@ def test_list_ids_on_a_tiny_frame(spark):
     assert got == [ids for _, ids in LIST_CASES]
 
 
+def test_the_online_path_gives_the_same_lists():
+    """pipeline.rows.list_ids (serving, no Spark) on the same cases as the job's expression."""
+    from pipeline.contract import CategoricalField, ListSpec
+    from pipeline.rows import list_ids
+    f = CategoricalField("genres", hash_buckets=100, embedding_dim=4, list=ListSpec(delimiter=".", max_length=3))
+    assert [list_ids(f, t) for t, _ in LIST_CASES] == [ids for _, ids in LIST_CASES]
+
+
 def test_scoring_packs_list_fields_padded_as_the_graph_reads_them(spark):
     """jobs/score.py hands its workers a list field as max_length ids padded with -1
     (pipeline.artifact.InputLayout's example), and --with-ids unpacks it back to the list."""
