@@ -2,8 +2,13 @@
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterator
 
 import pytest
 
@@ -96,3 +101,76 @@ def exported(trained_sampled, tmp_path_factory) -> Path:
                        cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]
     return out
+
+
+# --- one standalone Spark master and worker on 127.0.0.1 for the whole run (not local mode) -------------
+# Shared by tests/test_spark_cluster.py and tests/test_score_job.py: each submits its own application and
+# checks, by the folder the worker made for that application, that its executors ran the job.
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(pred: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
+    end = time.time() + timeout
+    while time.time() < end:
+        if pred():
+            return
+        time.sleep(0.5)
+    raise TimeoutError(what)
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+@dataclass(frozen=True)
+class Standalone:
+    """A running master (``master``: spark://127.0.0.1:PORT) and one worker (2 cores, 2g) whose
+    application folders are under ``work_dir``; ``env`` runs spark-submit against them."""
+
+    master: str
+    env: dict[str, str]
+    work_dir: Path
+
+    def submit(self, args: list[str], cwd: Path, timeout: int = 600) -> tuple[subprocess.CompletedProcess, list[Path]]:
+        """``spark-submit --master MASTER ARGS``; its result and the executor folders the worker made for
+        this application (``work_dir/app-*/N``: none when it did not run on the cluster)."""
+        before = set(self.work_dir.glob("app-*"))
+        r = subprocess.run([str(Path(sys.executable).parent / "spark-submit"), "--master", self.master, *args],
+                           env=self.env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+        apps = sorted(set(self.work_dir.glob("app-*")) - before)
+        return r, [e for a in apps for e in sorted(a.iterdir())]
+
+
+@pytest.fixture(scope="session")
+def standalone(tmp_path_factory) -> Iterator[Standalone]:
+    import pyspark
+    logs = tmp_path_factory.mktemp("standalone")
+    home = os.path.dirname(pyspark.__file__)
+    bin_dir = os.path.dirname(sys.executable)
+    env = {**os.environ, "SPARK_HOME": home, "PATH": f"{bin_dir}:{os.environ['PATH']}",
+           "PYSPARK_PYTHON": sys.executable, "SPARK_LOG_DIR": str(logs), "SPARK_WORKER_DIR": str(logs / "w")}
+    port, ui, wui = free_port(), free_port(), free_port()
+    procs = [subprocess.Popen([f"{bin_dir}/spark-class", "org.apache.spark.deploy.master.Master", "--host",
+                               "127.0.0.1", "--port", str(port), "--webui-port", str(ui)],
+                              env=env, stdout=open(logs / "master.log", "w"), stderr=subprocess.STDOUT)]
+    try:
+        wait_for(lambda: port_open(port), "spark master")
+        procs.append(subprocess.Popen([f"{bin_dir}/spark-class", "org.apache.spark.deploy.worker.Worker",
+                                       f"spark://127.0.0.1:{port}", "--host", "127.0.0.1", "--cores", "2",
+                                       "--memory", "2g", "--webui-port", str(wui)],
+                                      env=env, stdout=open(logs / "worker.log", "w"), stderr=subprocess.STDOUT))
+        wait_for(lambda: "Successfully registered with master" in (logs / "worker.log").read_text(), "worker")
+        yield Standalone(f"spark://127.0.0.1:{port}", env, logs / "w")
+    finally:
+        for p in reversed(procs):
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(20)
+            except subprocess.TimeoutExpired:
+                p.kill()

@@ -6,8 +6,6 @@ from __future__ import annotations
 import gzip
 import json
 import os
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -20,8 +18,7 @@ from jobs.score import RejectLimitError, ScoreError
 from pipeline import artifact as A
 from pipeline.ids import categorical_id
 from pipeline.rows import split_line
-from tests.conftest import ROOT
-from tests.test_spark_cluster import standalone  # noqa: F401  (the fixture: a master and a worker)
+from tests.conftest import ROOT, Standalone
 
 pytestmark = pytest.mark.slow
 
@@ -262,18 +259,16 @@ def test_refusals_and_atomic_output(spark, made_input: Input, exported: Path, tm
     assert score.cli(args) == 2
 
 
-def test_score_on_a_standalone_cluster(standalone, made_input: Input, scored_local: Path,  # noqa: F811
+def test_score_on_a_standalone_cluster(standalone: Standalone, made_input: Input, scored_local: Path,
                                        exported: Path, tmp_path: Path):
     """spark-submit --master spark://127.0.0.1:PORT jobs/score.py: the executors load the shipped model;
     the same keys, ids and probabilities as in local mode (whose files were cut into other blocks)."""
-    master, env = standalone
     out = tmp_path / "out"
-    r = subprocess.run([f"{os.path.dirname(sys.executable)}/spark-submit", "--master", master,
-                        "--conf", "spark.ui.enabled=false", "--executor-memory", "1g",
-                        "--driver-java-options", f"-Dlog4j2.configurationFile=file:{ROOT}/tools/log4j2.properties",
-                        str(ROOT / "jobs" / "score.py"), "--model", str(exported), "--input", str(made_input.root),
-                        "--output", str(out), "--with-ids", "--max-reject-fraction", "0.2"],
-                       env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    r, executors = standalone.submit(
+        ["--conf", "spark.ui.enabled=false", "--executor-memory", "1g",
+         "--driver-java-options", f"-Dlog4j2.configurationFile=file:{ROOT}/tools/log4j2.properties",
+         str(ROOT / "jobs" / "score.py"), "--model", str(exported), "--input", str(made_input.root),
+         "--output", str(out), "--with-ids", "--max-reject-fraction", "0.2"], cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "score: " in r.stdout and " rows scored, 6 rejected" in r.stdout
     assert "jobs.score INFO parsed" in r.stdout      # the job's log (spark-submit joins Python's stderr to stdout)
@@ -285,6 +280,6 @@ def test_score_on_a_standalone_cluster(standalone, made_input: Input, scored_loc
     np.testing.assert_allclose([cluster[k]["probability"] for k in local], [local[k]["probability"] for k in local],
                                rtol=1e-6)
     assert sorted(r["line"] for r in read_rows(out / "rejects")) == sorted(i for _, i in made_input.expect_reject)
-    # the executors were the worker's: its application folder has their logs, showing tasks
-    logs = list((tmp_path / "w").glob("app-*/*/stderr"))
+    # the executors were the worker's: the folder it made for this application has their logs, showing tasks
+    logs = [e / "stderr" for e in executors]
     assert logs and any("Finished task" in p.read_text() or "Running task" in p.read_text() for p in logs)
