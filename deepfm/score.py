@@ -125,9 +125,14 @@ def score(model: Path, split: Path, output: Path, shard: Shard = Shard(0, 1), ba
                         ("logit", pa.float32()), ("probability", pa.float64())])
     tmp = output / f".{shard.name}.tmp.parquet"
     rows = 0
+    lists = p.layout                     # the graph's input: [B, F], or list fields padded to max_length
 
     def scored(name: str, start: int, b: Any) -> Any:
-        ids = np.stack([b.column(c).to_numpy() for c in m.field_names], axis=1).astype(np.int64)
+        if lists.has_lists:              # list fields: padded to their max_length, as the graph reads them
+            ids = lists.pad_columns({c: b.column(c).to_pylist() if w > 1 else b.column(c).to_numpy()
+                                     for c, w in zip(lists.fields, lists.widths)})
+        else:
+            ids = np.stack([b.column(c).to_numpy() for c in m.field_names], axis=1).astype(np.int64)
         logit = p.logits_of_ids(ids)
         n = len(logit)
         return pa.table({"file": pa.array([name] * n, pa.string()),

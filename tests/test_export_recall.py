@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
@@ -282,3 +283,14 @@ def test_a_deepfm_on_a_list_field_exports_reloads_and_matches_the_eager_model(tm
     np.testing.assert_allclose(p.logits_of_ids(ids), eager, rtol=0, atol=1e-5)
     np.testing.assert_allclose(p.predict(raw), 1 / (1 + np.exp(-eager.astype(np.float64))), atol=1e-6)
     assert any(len([x for x in r.ids[1:] if x >= 0]) == 3 for r in card.golden)       # a list cut at max_length
+    # python -m deepfm.score on the featurized test split (list columns padded as the graph reads them)
+    from deepfm import score
+    score.main(["--model", str(out), "--input", str(data / "test"), "--output", str(tmp_path / "scores"),
+                "--workers", "1"])
+    scored = pq.read_table(tmp_path / "scores" / "part-00000-of-00001.parquet").sort_by(
+        [("file", "ascending"), ("row", "ascending")])
+    files = sorted((data / "test").glob("*.parquet"))
+    want_ids = np.concatenate([A.InputLayout.of(M.read(data)).pad_columns(
+        {c: pq.read_table(f).column(c).to_pylist() for c in ("a", "g")}) for f in files])
+    assert scored.num_rows == len(want_ids)
+    np.testing.assert_allclose(scored.column("logit").to_numpy(), p.logits_of_ids(want_ids), rtol=0, atol=1e-6)
