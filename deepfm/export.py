@@ -239,7 +239,7 @@ def load_eager(ckpt: Path, state: TrainState) -> DeepFM:
 def load_towers(ckpt: Path, state: TrainState) -> TwoTower:
     """A two_tower checkpoint's weights in an unsharded TwoTower on the CPU, in eval mode."""
     cfg = state.config
-    return _load_weights(TwoTower(state.fields, cfg.tower_hidden, cfg.tower_dim, cfg.dropout), ckpt)
+    return _load_weights(TwoTower(state.fields, cfg.tower_hidden, cfg.tower_dim, cfg.tower_dropout), ckpt)
 
 
 def _load_weights(model: Any, ckpt: Path) -> Any:

@@ -92,7 +92,7 @@ def build(fields: Sequence[FieldSpec], cfg: TrainConfig, cluster: Cluster) -> Tr
     wrapper: DeepFMTrain | TwoTowerTrain
     bf16, device_type = cfg.bf16 is True, cluster.device.type
     if cfg.model in TOWERS:
-        model = TwoTower(fields, cfg.tower_hidden, cfg.tower_dim, cfg.dropout, sparse_device="meta",
+        model = TwoTower(fields, cfg.tower_hidden, cfg.tower_dim, cfg.tower_dropout, sparse_device="meta",
                          dense_device=cluster.device, init_scale=cfg.embedding_init_scale)
         wrapper = TwoTowerTrain(model, cfg.loss, cfg.temperature, cfg.embedding_l2, bf16, device_type)
     else:

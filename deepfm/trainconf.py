@@ -89,6 +89,7 @@ class TrainConfig:
     init_embeddings_from: str | None = C.setting()
     tower_hidden: tuple[int, ...] = C.setting(check=C.each(C.positive))
     tower_dim: int = C.setting(check=C.at_least(0))
+    tower_dropout: float = C.setting(check=C.in_range(0.0, 1.0, hi_open=True))
     temperature: float = C.setting(check=C.positive)
     loss: str = C.setting(check=C.one_of(*TOWER_LOSSES))
     recall_k: tuple[int, ...] = C.setting(check=lambda v, w: _recall_k(C.each(C.positive)(v, w), w))
@@ -188,13 +189,14 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, TrainCon
     p.add_argument("--tower-hidden", type=lambda s: tuple(int(x) for x in s.split(",") if x),
                    help="model two_tower: each tower's hidden layers, e.g. 128,64")
     p.add_argument("--tower-dim", type=int, help="model two_tower: each tower MLP's output width")
+    p.add_argument("--tower-dropout", type=float, help="model two_tower: the towers' dropout (not --dropout)")
     p.add_argument("--no-test", action="store_true", help="skip the final test evaluation")
     p.add_argument("--cpu", action="store_true", help="use the CPU and gloo even when CUDA is present")
     a = p.parse_args(argv)
     over = {k: getattr(a, k) for k in ("model", "epochs", "batch_size", "dense_lr", "sparse_lr", "dropout", "hidden",
                                        "bf16", "max_steps", "eval_every_steps", "checkpoint_every_steps", "seed",
                                        "init_embeddings_from", "crosses", "loss", "temperature", "tower_hidden",
-                                       "tower_dim")}
+                                       "tower_dim", "tower_dropout")}
     return a, load_train_config(a.config, over)
 
 
