@@ -22,7 +22,7 @@ from pipeline import layout
 from pipeline import retrain as R
 from pipeline.contract import load_contract
 from pipeline.spark import records as R_
-from tests.conftest import CONF, RAW_DAYS, RAW_ROWS, ROOT, SMALL
+from tests.conftest import CONF, DRIVER_JAVA_OPTIONS, RAW_DAYS, RAW_ROWS, ROOT, SMALL
 from tests.test_retrain import write_conf
 
 AVAZU = str(CONF / "avazu.yaml")
@@ -203,7 +203,7 @@ def test_spark_submit_of_a_truncated_gz_ends_with_the_one_line_error(raw_logs: P
     env.pop("PYSPARK_GATEWAY_PORT", None)
     r = subprocess.run(
         ["spark-submit", "--master", "local[1]", "--conf", "spark.ui.enabled=false",
-         "--driver-java-options", f"-Dlog4j2.configurationFile=file:{ROOT}/tools/log4j2.properties",
+         "--driver-java-options", DRIVER_JAVA_OPTIONS,
          str(ROOT / "jobs" / "featurize.py"), "--input", str(raw), "--output", str(tmp_path / "out"),
          "--config", SMALL, "--valid-days", "0", "--test-days", "0"],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)

@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import CONF, ROOT, run_torchrun
+from tests.conftest import CONF, DRIVER_JAVA_OPTIONS, ROOT, run_torchrun
 
 pytestmark = pytest.mark.slow
 
@@ -43,7 +43,7 @@ def featurize(raw: Path, out: Path) -> None:
     r = subprocess.run(
         ["spark-submit", "--master", "local[2]", "--conf", "spark.ui.enabled=false",
          "--conf", "spark.sql.shuffle.partitions=2",
-         "--driver-java-options", f"-Dlog4j2.configurationFile=file:{ROOT}/tools/log4j2.properties",
+         "--driver-java-options", DRIVER_JAVA_OPTIONS,
          str(ROOT / "jobs" / "featurize.py"), "--input", str(raw), "--output", str(out),
          "--config", str(CONF / "recall.yaml")],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)

@@ -18,7 +18,7 @@ from jobs.score import RejectLimitError, ScoreError
 from pipeline import artifact as A
 from pipeline.ids import categorical_id
 from pipeline.rows import split_line
-from tests.conftest import ROOT, Standalone
+from tests.conftest import DRIVER_JAVA_OPTIONS, ROOT, Standalone
 
 pytestmark = pytest.mark.slow
 
@@ -266,7 +266,7 @@ def test_score_on_a_standalone_cluster(standalone: Standalone, made_input: Input
     out = tmp_path / "out"
     r, executors = standalone.submit(
         ["--conf", "spark.ui.enabled=false", "--executor-memory", "1g",
-         "--driver-java-options", f"-Dlog4j2.configurationFile=file:{ROOT}/tools/log4j2.properties",
+         "--driver-java-options", DRIVER_JAVA_OPTIONS,
          str(ROOT / "jobs" / "score.py"), "--model", str(exported), "--input", str(made_input.root),
          "--output", str(out), "--with-ids", "--max-reject-fraction", "0.2"], cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from pipeline import manifest
-from tests.conftest import ROOT, SMALL, Standalone
+from tests.conftest import DRIVER_JAVA_OPTIONS, ROOT, SMALL, Standalone
 
 pytestmark = pytest.mark.slow
 
@@ -14,6 +14,7 @@ pytestmark = pytest.mark.slow
 def test_featurize_on_a_standalone_cluster(standalone: Standalone, raw_logs: Path, tmp_path: Path):
     out = tmp_path / "out"
     r, executors = standalone.submit(["--conf", "spark.ui.enabled=false", "--executor-memory", "1g",
+                                      "--driver-java-options", DRIVER_JAVA_OPTIONS,
                                       str(ROOT / "jobs" / "featurize.py"), "--input", str(raw_logs),
                                       "--output", str(out), "--config", SMALL, "--days", "1-3"], cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
