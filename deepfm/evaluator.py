@@ -30,6 +30,19 @@ from pipeline import metrics as M
 from pipeline import recall_metrics as R
 
 
+
+def in_lockstep(it: Any, dummy: Any, device: Any) -> Any:
+    """The rank's batches moved to ``device``, then ``dummy`` until every rank has run out: the sharded
+    tables' collectives need every rank in each call, and ranks' shards differ in length."""
+    flag = torch.zeros(1, dtype=torch.int32)
+    while True:
+        b = next(it, None)
+        flag.fill_(0 if b is None else 1)
+        dist.all_reduce(flag)                      # every rank steps until all have run out
+        if flag.item() == 0:
+            return
+        yield (b or dummy).to(device)
+
 class Evaluator:
     """``evaluate(split) -> {auc, logloss, ne, calibration, rows}`` with the negative sampling undone; for
     model two_tower ``{recall@K, hit_rate@K, ndcg@K, random_recall@K, ..., users, rows}`` (:class:`RecallEvaluator`).
@@ -52,15 +65,8 @@ class Evaluator:
                                  self.cfg.prefetch_batches)
         dummy = inputs.dummy_batch(self.ds, self.cfg.batch_size)
         preds, labels = [], []
-        flag = torch.zeros(1, dtype=torch.int32)
         try:
-            while True:
-                b = next(it, None)
-                flag.fill_(0 if b is None else 1)
-                dist.all_reduce(flag)                      # every rank steps until all have run out
-                if flag.item() == 0:
-                    break
-                batch = (b or dummy).to(c.device)
+            for batch in in_lockstep(it, dummy, c.device):
                 # the model itself, outside the train wrapper's autocast: fp32 whatever the training precision,
                 # so the metrics match deepfm.evaluate's exactly
                 q = predict_proba(self.t.model(batch.kjt)).cpu().numpy()[:batch.valid]
@@ -137,15 +143,8 @@ class RecallEvaluator:
         dummy = inputs.dummy_batch(self.ds, self.cfg.batch_size)
         towers = self.t.towers
         users, days, vecs = [], [], []
-        flag = torch.zeros(1, dtype=torch.int32)
         try:
-            while True:
-                b = next(it, None)
-                flag.fill_(0 if b is None else 1)
-                dist.all_reduce(flag)                      # every rank steps until all have run out
-                if flag.item() == 0:
-                    break
-                batch = (b or dummy).to(c.device)
+            for batch in in_lockstep(it, dummy, c.device):
                 vecs.append(towers.user_vectors(batch.kjt)[:batch.valid].float().cpu().numpy())
                 users.append(batch.recall[layout.USER_INDEX][:batch.valid].cpu().numpy())
                 days.append(batch.recall[self.ds.day_column][:batch.valid].cpu().numpy())
