@@ -350,10 +350,16 @@ def check_graph(ep: Any, model: DeepFM, ids: np.ndarray, offset: float, keys: Se
     with torch.no_grad():
         eager = model(kjt_of(x, keys, lay)) + offset
         graph = ep.module()(x)
-    diff = float((graph - eager).abs().max()) if len(ids) else 0.0
-    if not diff <= LOGIT_TOLERANCE:
-        raise ExportError(f"the exported graph's logits differ from the eager model's by {diff:.3g} on "
-                          f"{len(ids)} test rows (allowed {LOGIT_TOLERANCE}); nothing was written")
+    return refuse_above(float((graph - eager).abs().max()) if len(ids) else 0.0, LOGIT_TOLERANCE,
+                        "the exported graph's logits", f"{len(ids)} test rows")
+
+
+def refuse_above(diff: float, tolerance: float, what: str, where: str) -> float:
+    """``diff`` (max |exported - eager| of ``what`` on ``where``), or :class:`ExportError` above ``tolerance``
+    (a NaN too): the one check every exported graph passes before anything is written."""
+    if not diff <= tolerance:
+        raise ExportError(f"{what} differ from the eager model's by {diff:.3g} on {where} (allowed {tolerance}); "
+                          "nothing was written")
     return diff
 
 
@@ -463,9 +469,7 @@ def catalogue_vectors(root: Path, m: Manifest, model: TwoTower, batch: int = 819
             eager = model.item_vectors(kjt_of_jagged(lay.jagged(x.numpy()), names, len(x)))
             diff = max(diff, float((plain - eager).abs().max()))
             vectors.append(plain.float().numpy())
-    if not diff <= VECTOR_TOLERANCE:
-        raise ExportError(f"the plain item tower's vectors differ from the eager model's by {diff:.3g} (allowed "
-                          f"{VECTOR_TOLERANCE}); nothing was written")
+    refuse_above(diff, VECTOR_TOLERANCE, "the plain item tower's vectors", f"the {len(ids)} catalogue items")
     vec = np.concatenate(vectors) if vectors else np.zeros((0, model.out_dim), np.float32)
     return ItemVectors(keys=keys, index=index, vectors=np.ascontiguousarray(vec)), diff
 
@@ -477,11 +481,8 @@ def check_vectors(ep: Any, model: TwoTower, ids: np.ndarray, lay: A.InputLayout,
     with torch.no_grad():
         eager = model.user_vectors(kjt_of_jagged(lay.jagged(ids), keys, len(ids)))
         graph = ep.module()(x)
-    diff = float((graph - eager).abs().max()) if len(ids) else 0.0
-    if not diff <= VECTOR_TOLERANCE:
-        raise ExportError(f"the exported user tower's vectors differ from the eager model's by {diff:.3g} on "
-                          f"{len(ids)} test rows (allowed {VECTOR_TOLERANCE}); nothing was written")
-    return diff
+    return refuse_above(float((graph - eager).abs().max()) if len(ids) else 0.0, VECTOR_TOLERANCE,
+                        "the exported user tower's vectors", f"{len(ids)} test rows")
 
 
 def build_item_index(items: ItemVectors, kind: str, path: Path, queries: np.ndarray) -> A.IndexInfo:
