@@ -340,8 +340,6 @@ def _parse_recall(raw: Any, fields: Sequence[Field], source: Source) -> Recall |
             raise ContractError(f"recall.{key}: field {name!r} has min_count {f.min_count}; a key keeps every value "
                                 "(its ids must tell items apart)")
         keys[key] = name
-    if not [f for f in fields if f.side == "item"] or not [f for f in fields if f.side != "item"]:
-        raise ContractError("recall: a recall contract needs fields of side item and of side user/context")
     return Recall(user_key=keys["user_key"], item_key=keys["item_key"],
                   random_negatives=_int(r.get("random_negatives", 0), "recall.random_negatives", 0, 1000))
 
