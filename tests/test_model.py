@@ -123,33 +123,44 @@ from deepfm.sharded import build
 from deepfm.trainconf import load_train_config
 import numpy as np
 cluster = init_cluster(force_cpu=True)
-t = build([FieldSpec("a", 10, 4), FieldSpec("b", 6, 4)], load_train_config(None, dict(model="lr", sparse_lr=0.1, sparse_eps=float(sys.argv[1]))), cluster)
-b = to_batch(np.array([[3, 5]]), np.array([1.0]), ["a", "b"])
-sparse = t.model.sparse
-with torch.no_grad():
-    w_before = sparse(b.kjt)[1]
-loss, (_, logit, _) = t.dmp(b)      # the train wrapper: log loss of the logits (embedding_l2 0)
-t.optimizer.zero_grad()
-loss.backward()
-t.optimizer.step()
-with torch.no_grad():
-    w_after = sparse(b.kjt)[1]
-print(json.dumps({"g": (torch.sigmoid(logit) - 1).item(), "delta": (w_after - w_before).flatten().tolist()}))
+out = {}
+for eps in sys.argv[1:]:
+    t = build([FieldSpec("a", 10, 4), FieldSpec("b", 6, 4)], load_train_config(None, dict(model="lr", sparse_lr=0.1, sparse_eps=float(eps))), cluster)
+    b = to_batch(np.array([[3, 5]]), np.array([1.0]), ["a", "b"])
+    sparse = t.model.sparse
+    with torch.no_grad():
+        w_before = sparse(b.kjt)[1]
+    loss, (_, logit, _) = t.dmp(b)      # the train wrapper: log loss of the logits (embedding_l2 0)
+    t.optimizer.zero_grad()
+    loss.backward()
+    t.optimizer.step()
+    with torch.no_grad():
+        w_after = sparse(b.kjt)[1]
+    out[eps] = {"g": (torch.sigmoid(logit) - 1).item(), "delta": (w_after - w_before).flatten().tolist()}
+print(json.dumps(out))
 """
+EPS = [1e-8, 0.5]
 
 
-@pytest.mark.parametrize("eps", [1e-8, 0.5])
-def test_the_fused_sparse_adagrad_takes_its_eps_from_the_config(eps, tmp_path):
-    """One step of the fused (FBGEMM) Adagrad on a row seen once moves each value by
-    -lr * g / (sqrt(g^2) + eps): eps near 0 makes it a step of lr whatever the gradient, a larger eps
-    scales it with the gradient. Run in a process of its own (a world of one, gloo)."""
-    script = tmp_path / "one_step.py"
+@pytest.fixture(scope="module")
+def one_steps(tmp_path_factory) -> dict:
+    """One fused step per eps of EPS, each on a model of its own, in one process of their own (a world of
+    one, gloo): {str(eps): {"g": dloss/dlogit, "delta": the first-order values' change}}."""
+    script = tmp_path_factory.mktemp("one_step") / "one_step.py"
     script.write_text(_ONE_STEP)
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    r = subprocess.run([sys.executable, str(script), str(eps)], capture_output=True, text=True, env=env,
+    r = subprocess.run([sys.executable, str(script), *map(str, EPS)], capture_output=True, text=True, env=env,
                        cwd=Path(__file__).resolve().parent.parent, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    out = json.loads(r.stdout.strip().splitlines()[-1])
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("eps", EPS)
+def test_the_fused_sparse_adagrad_takes_its_eps_from_the_config(eps, one_steps):
+    """One step of the fused (FBGEMM) Adagrad on a row seen once moves each value by
+    -lr * g / (sqrt(g^2) + eps): eps near 0 makes it a step of lr whatever the gradient, a larger eps
+    scales it with the gradient."""
+    out = one_steps[str(eps)]
     g = out["g"]                   # dloss/dlogit, the gradient of each first-order value of both rows
     assert g < 0
     expected = -0.1 * g / (abs(g) + eps)
