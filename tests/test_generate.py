@@ -87,17 +87,18 @@ def _one_hot_lr(train_rows, test_rows, epochs=120):
     xtr = encode(train_rows, True)
     xte = encode(test_rows, False)
     ytr = torch.tensor([float(r[0]) for r in train_rows])
-    w = torch.zeros(sum(len(v) + 1 for v in vocab), requires_grad=True)
-    b = torch.zeros(1, requires_grad=True)
+    w = torch.zeros(sum(len(v) + 1 for v in vocab))
+    b = torch.zeros(1)
     opt = torch.optim.Adam([w, b], lr=0.1)
+    flat, n = xtr.reshape(-1), len(ytr)
+    # the gradients of mean log loss + 1e-4 * ||w||^2, written out: a bincount is far faster than autograd's
+    # scatter-add backward of w[xtr] (19 s -> a few)
     for _ in range(epochs):
-        opt.zero_grad()
-        logit = w[xtr].sum(1) + b
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(logit, ytr) + 1e-4 * (w ** 2).sum()
-        loss.backward()
+        r = (torch.sigmoid(w[xtr].sum(1) + b) - ytr) / n
+        w.grad = torch.bincount(flat, weights=r[:, None].expand(n, ncol).reshape(-1), minlength=len(w)).float() + 2e-4 * w
+        b.grad = r.sum().reshape(1)
         opt.step()
-    with torch.no_grad():
-        return torch.sigmoid(w[xte].sum(1) + b).numpy()
+    return torch.sigmoid(w[xte].sum(1) + b).numpy()
 
 
 def test_planted_interactions_carry_signal_beyond_first_order(raw_logs):
