@@ -43,7 +43,8 @@ from deepfm.trainconf import load_train_config  # noqa: E402
 # operator name (lower case) contains -> category; first match wins
 CATEGORIES = [
     ("embedding lookup + fused update (FBGEMM)", ("fbgemm", "split_embedding", "tbe", "embedding_bag", "lookup")),
-    ("input distribution (id all-to-all)", ("all_to_all", "alltoall", "input_dist", "kjt")),
+    ("id all-to-all: input distribution and its waits", ("all_to_all", "alltoall", "all2all", "input_dist", "kjt",
+                                                          "awaitable")),
     ("gloo collectives (all-reduce)", ("allreduce", "all_reduce", "gloo", "c10d", "broadcast", "barrier")),
     ("dropout (ByteDropout)", ("random_", "aten::lt", "uint8")),
     ("dense optimizer (Adam)", ("optimizer.step", "adam", "_foreach")),
