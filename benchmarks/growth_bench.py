@@ -16,15 +16,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.featurize_bench import spark_submit  # noqa: E402
 from benchmarks.machine import cpu_name  # noqa: E402
 from benchmarks.train_bench import project, reference  # noqa: E402
 from pipeline.contract import load_contract  # noqa: E402
@@ -40,15 +39,8 @@ def featurize(raw: Path, buckets: int, work: Path) -> Path:
         return out
     contract = work / f"criteo_{buckets}.yaml"
     contract.write_text(f"base: {BASE}\ncategorical:\n  defaults: {{hash_buckets: {buckets}}}\n")
-    cmd = [str(BIN / "spark-submit"), "--master", "local[2]", "--driver-memory", "4g",
-           "--conf", "spark.ui.showConsoleProgress=false",
-           "--driver-java-options", f"-Dlog4j2.configurationFile=file:{ROOT}/tools/log4j2.properties",
-           str(ROOT / "jobs" / "featurize.py"), "--input", str(raw), "--output", str(out), "--config", str(contract),
-           "--overwrite"]
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if r.returncode:
-        sys.exit(f"featurize with {buckets} buckets failed:\n{r.stderr[-3000:]}")
+    spark_submit(ROOT / "jobs" / "featurize.py", ["--input", str(raw), "--output", str(out), "--config", str(contract),
+                                                 "--overwrite"])
     return out
 
 

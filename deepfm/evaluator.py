@@ -30,7 +30,6 @@ from pipeline import metrics as M
 from pipeline import recall_metrics as R
 
 
-
 def in_lockstep(it: Any, dummy: Any, device: Any) -> Any:
     """The rank's batches moved to ``device``, then ``dummy`` until every rank has run out: the sharded
     tables' collectives need every rank in each call, and ranks' shards differ in length."""
@@ -42,6 +41,7 @@ def in_lockstep(it: Any, dummy: Any, device: Any) -> Any:
         if flag.item() == 0:
             return
         yield (b or dummy).to(device)
+
 
 class Evaluator:
     """``evaluate(split) -> {auc, logloss, ne, calibration, rows}`` with the negative sampling undone; for

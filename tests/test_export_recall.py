@@ -290,7 +290,8 @@ def test_a_deepfm_on_a_list_field_exports_reloads_and_matches_the_eager_model(tm
     scored = pq.read_table(tmp_path / "scores" / "part-00000-of-00001.parquet").sort_by(
         [("file", "ascending"), ("row", "ascending")])
     files = sorted((data / "test").glob("*.parquet"))
-    want_ids = np.concatenate([A.InputLayout.of(M.read(data)).pad_columns(
-        {c: pq.read_table(f).column(c).to_pylist() for c in ("a", "g")}) for f in files])
+    lay = A.InputLayout.of(M.read(data))
+    want_ids = np.concatenate([lay.pad_columns({c: pq.read_table(f).column(c).to_pylist() for c in ("a", "g")})
+                               for f in files])
     assert scored.num_rows == len(want_ids)
     np.testing.assert_allclose(scored.column("logit").to_numpy(), p.logits_of_ids(want_ids), rtol=0, atol=1e-6)

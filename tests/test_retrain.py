@@ -29,7 +29,7 @@ import yaml
 
 from deepfm.trainconf import load_train_config
 from pipeline import retrain as R
-from tests.conftest import ROOT, SMALL
+from tests.conftest import DRIVER_JAVA_OPTIONS, ROOT, SMALL
 
 BIN = Path(sys.executable).parent
 ROWS = 10_000
@@ -44,10 +44,8 @@ def write_conf(tmp: Path, **over) -> Path:
         "spark": {"master": "local[2]", "featurize_args": ["--min-row-groups", "2"],
                   "submit_args": ["--driver-memory", "1g", "--conf", "spark.ui.enabled=false",
                                   "--conf", "spark.sql.shuffle.partitions=4",
-                                  # the JIT's first tier only: a job of seconds spends less compiling (featurize
-                                  # of a 3-day window: 22-27 s instead of 35-38 s on the 2 shared cores)
-                                  "--driver-java-options", f"-Dlog4j2.configurationFile=file:{ROOT}/tools/log4j2.properties "
-                                  "-XX:TieredStopAtLevel=1"]},
+                                  # the JIT's first tier only (conftest's QUICK_JIT)
+                                  "--driver-java-options", DRIVER_JAVA_OPTIONS]},
         "train": {"nproc": 1, "epochs": 1, "batch_size": 512, "hidden": [32, 32], "dropout": 0.1,
                   "checkpoint_every_steps": 10},
         "gate": {"auc_tolerance": 0.02, "min_auc": 0.55, "calibration_min": 0.7, "calibration_max": 1.4,
