@@ -48,3 +48,40 @@ def test_a_clean_run_needs_neither_a_line_count_nor_a_quarantine(featurized: Pat
     assert not {"count lines (to plan files)", "quarantine malformed lines"} & set(m.seconds_by_step)
     # the plan from the estimate still gives every split its planned files (test_parquet_layout_serves_eight_ranks)
     assert m.splits["valid"].rows == RAW_ROWS
+
+
+def test_the_quarantine_reads_again_only_the_days_with_rejects():
+    from pipeline.spark.featurize import inputs_with_rejects
+    days = [(0, "in/day_0"), (1, "in/day_1"), (2, "in/day_2.gz")]
+    assert inputs_with_rejects(days, frozenset({1})) == [(1, "in/day_1")]
+    assert inputs_with_rejects(days, frozenset({2, 0})) == [(0, "in/day_0"), (2, "in/day_2.gz")]
+    # days read from a column: a bad line's day may be unreadable, so every input is read again
+    assert inputs_with_rejects([(None, "in/logs")], frozenset()) == [(None, "in/logs")]
+
+
+def test_the_parse_is_planned_once_however_many_days(spark, tmp_path: Path):
+    """The ~280 expressions of the checks and hashing stay above the union of the day files instead of
+    being copied into each day's branch (PushProjectionThroughUnion), so planning does not grow with days."""
+    from pyspark.sql import functions as F
+
+    from pipeline.spark.records import check_records, keep_projections_above_union, read_records
+    from pipeline.spark.transforms import to_ids
+    for d in range(3):
+        (tmp_path / f"day_{d}").write_text(_line(d % 2, d) + "\n")
+
+    def hashes_in_plan(days: int) -> int:
+        inputs = [(d, str(tmp_path / f"day_{d}")) for d in range(days)]
+        ids = to_ids(check_records(read_records(spark, inputs, C), C), C, {}, 1).filter(~F.col("_bad"))
+        return ids._jdf.queryExecution().optimizedPlan().toString().count("xxhash64")
+
+    key = "spark.sql.optimizer.excludedRules"
+    before = spark.conf.get(key, "")
+    try:
+        spark.conf.unset(key)
+        assert hashes_in_plan(3) > 2 * hashes_in_plan(1)          # Spark's default: one copy per day
+        keep_projections_above_union(spark)
+        assert hashes_in_plan(3) == hashes_in_plan(2) <= hashes_in_plan(1)
+        assert [(r.label, r.day) for r in to_ids(check_records(read_records(
+            spark, [(d, str(tmp_path / f"day_{d}")) for d in range(3)], C), C), C, {}, 1).collect()] == [(0, 0), (1, 1), (0, 2)]
+    finally:
+        spark.conf.set(key, before) if before else spark.conf.unset(key)

@@ -50,6 +50,7 @@ from pipeline.spark.hadoopfs import HadoopFS
 from pipeline.spark.placement import FilePlan, place_files, plan_files, write_files
 from pipeline.spark import recall as R
 from pipeline.spark.records import (DayInputs, check_headers, check_records, count_lines, estimate_lines,
+                                    keep_projections_above_union,
                                     find_day_inputs, parse_lines, read_lines, read_records, reasons_of,
                                     reject_columns)
 from pipeline.spark.sql import quantile_probabilities
@@ -225,6 +226,8 @@ class RunCounts:
     before: Mapping[str, Counts]
     after: Mapping[str, Counts]
     files: Mapping[str, int]
+    bad_days: frozenset[int]     # the days of the malformed lines (a day read from a bad line's column can be
+                                 # missing: then it is not here)
 
 
 # --- the run ---------------------------------------------------------------------------------------
@@ -297,6 +300,7 @@ def featurize(spark: SparkSession, o: Options, fs: HadoopFS, inputs: DayInputs, 
     # Wide rows make big generated methods; the JVM does not compile methods over 8 kB of bytecode and
     # would interpret them (3x slower here). At this limit Spark splits such a stage into small methods.
     spark.conf.set("spark.sql.codegen.hugeMethodLimit", "8000")
+    keep_projections_above_union(spark)
     keys = R.key_columns(c) if c.recall else []
     checked = check_records(read_records(spark, inputs, c), c, keep=keys)
     if c.source.day_from == "column":
@@ -314,7 +318,8 @@ def featurize(spark: SparkSession, o: Options, fs: HadoopFS, inputs: DayInputs, 
     rejects = {r: 0 for r in reasons_of(c)}
     if counts.bad:                             # the text is read again only when there are rejects
         with phase("quarantine malformed lines"):
-            rejects = quarantine(spark, o, inputs, f"{staging}/{layout.REJECTS}", counts.bad)
+            rejects = quarantine(spark, o, inputs_with_rejects(inputs, counts.bad_days), f"{staging}/{layout.REJECTS}",
+                                 counts.bad)
     log_counts(plan, splits, counts.lines, rejects)
     check_reject_limit(fs, c, staging, counts.lines, rejects)
     check_splits_have_rows(spark, plan, splits, f"{staging}/{layout.REJECTS}", sum(rejects.values()))
@@ -491,6 +496,7 @@ def write_splits(ids: DataFrame, c: FeatureContract, plan: DayPlan, vocab: Fitte
     the fitting passes, so that they see this pass only."""
     counted = Observation("featurize: input")
     ids = ids.observe(counted, F.count(F.lit(1)).alias("lines"), F.count_if(F.col("_bad")).alias("bad"),
+                      F.collect_set(F.when(F.col("_bad"), F.col("day"))).alias("bad_days"),
                       *split_counts(~F.col("_bad")))
     ids = ids.filter(~F.col("_bad")).drop("_bad")
     if vocab is not None:
@@ -539,7 +545,8 @@ def verify_counts(spark: SparkSession, fs: HadoopFS, ids: DataFrame, staging: st
                 raise FeaturizeError(f"{s}: {after[s].rows} rows written, not the {after[s].positives} positives"
                                      + (f" and {written.drawn} random negatives each" if s == "train" else "")
                                      + "; nothing was committed")
-    return RunCounts(lines=lines, bad=bad, before=before, after=after, files=dict(n_files))
+    return RunCounts(lines=lines, bad=bad, before=before, after=after, files=dict(n_files),
+                     bad_days=frozenset(int(d) for d in obs["bad_days"]))
 
 
 def split_infos(plan: DayPlan, counts: RunCounts, rates: Mapping[str, float]) -> dict[str, M.SplitInfo]:
@@ -549,20 +556,40 @@ def split_infos(plan: DayPlan, counts: RunCounts, rates: Mapping[str, float]) ->
                            neg_sample_rate=rates[s]) for s in SPLITS}
 
 
+def inputs_with_rejects(inputs: DayInputs, bad_days: frozenset[int]) -> DayInputs:
+    """The inputs the quarantine has to read again: the day files of the days that held malformed lines
+    (the main pass observed them), every input when days come from a column (a bad line's day may be
+    unreadable).
+
+        [(0, day_0), (1, day_1), (2, day_2)], {0} -> [(0, day_0)];  [(None, logs)], {} -> [(None, logs)]
+    """
+    some = [(d, p) for d, p in inputs if d is None or d in bad_days]
+    return some or list(inputs)
+
+
 def quarantine(spark: SparkSession, o: Options, inputs: DayInputs, path: str, expected: int) -> dict[str, int]:
-    """Write the malformed lines with their day and reason to ``path`` (``day, reason, line, line_bytes``:
-    the line as valid UTF-8 text and as its exact bytes, records.reject_columns); return the count per
-    reason. Finding another number than the parse counted stops the job."""
-    out = {r: 0 for r in reasons_of(o.contract)}
+    """Write the malformed lines of ``inputs`` with their day and reason to ``path`` (``day, reason,
+    line, line_bytes``: the line as valid UTF-8 text and as its exact bytes, records.reject_columns);
+    return the count per reason (observed as they are written). Finding another number than the parse
+    counted stops the job."""
     c = o.contract
+    reasons = reasons_of(c)
+    log.info("quarantine: reading %d input(s) again for their %d malformed line(s): %s", len(inputs), expected,
+             ", ".join(os.path.basename(p.rstrip("/")) for _, p in inputs))
     parsed = parse_lines(read_lines(spark, inputs), c)
     if c.source.day_from == "column":
         parsed = within_days(parsed, o.days)
     bad = parsed.filter(F.col("_reason").isNotNull()).select("day", F.col("_reason").alias("reason"),
                                                                *reject_columns("_line"))
+    seen = Observation("featurize: rejects")
+    bad = bad.observe(seen, *[F.count_if(F.col("reason") == r).alias(r) for r in reasons])
     bad.repartition(max(1, math.ceil(expected / 1_000_000))).write.parquet(path)
-    for r in spark.read.parquet(path).groupBy("reason").count().collect():
-        out[r["reason"]] = int(r["count"])
+    out = {r: int(seen.get[r]) for r in reasons}
+    if sum(out.values()) != expected:
+        # observed counts would count twice after a retried stage: the files decide
+        out = {r: 0 for r in reasons}
+        for row in spark.read.parquet(path).groupBy("reason").count().collect():
+            out[row["reason"]] = int(row["count"])
     if sum(out.values()) != expected:
         raise FeaturizeError(f"the parse counted {expected} malformed lines but the quarantine found "
                              f"{sum(out.values())}; nothing was committed")
