@@ -21,7 +21,9 @@ expression, one shuffle places each split's rows in the files planned for them (
 random order), and one write makes the files, which are then moved into train/valid/test by their
 partition number. Counts ride along (``observe``) and are checked against the files' footers; the text
 is read again only to plan file counts (a line count), to fit quantiles or a vocabulary when the
-contract asks for them, and to quarantine malformed lines when there are any.
+contract asks for them, and to quarantine malformed lines when there are any (only the day files that
+held them). The projection of the checks and ids is planned once above the union of the day files
+(records.keep_projections_above_union), not once per day.
 """
 from __future__ import annotations
 
