@@ -82,13 +82,40 @@ def test_the_product_layer_feeds_the_first_hidden_layer_beside_z(inner, outer):
         assert_close(net(v), expected.squeeze(1))
 
 
-def test_nfm_is_an_mlp_over_the_bi_interaction_vector():
+def _bn(bn: nn.BatchNorm1d, x: torch.Tensor) -> torch.Tensor:
+    """Batch normalization in eval mode, by hand: (x - running mean) / sqrt(running var + eps) * weight + bias."""
+    return (x - bn.running_mean) / torch.sqrt(bn.running_var + bn.eps) * bn.weight + bn.bias
+
+
+def test_nfm_is_an_mlp_over_the_batch_normalized_bi_interaction_vector():
     v = _v().float()
     net = NFMArch(3, hidden=(4,), dropout=0.0).eval()
+    with torch.no_grad():
+        net.bn.running_mean.copy_(torch.tensor([0.5, -1.0, 2.0]))
+        net.bn.running_var.copy_(torch.tensor([4.0, 0.25, 1.0]))
+        net.bn.weight.copy_(torch.tensor([1.0, 2.0, -1.0]))
+        net.bn.bias.copy_(torch.tensor([0.0, 0.5, 1.0]))
     bi = sum(v[:, i] * v[:, j] for i, j in itertools.combinations(range(4), 2))
     w1, w2 = net.mlp[0], net.mlp[3]
     with torch.no_grad():
-        assert_close(net(v), (torch.relu(bi @ w1.weight.T + w1.bias) @ w2.weight.T + w2.bias).squeeze(1))
+        h = _bn(net.bn, bi)
+        assert_close(net(v), (torch.relu(h @ w1.weight.T + w1.bias) @ w2.weight.T + w2.bias).squeeze(1))
+
+
+def test_nfms_normalization_gives_embeddings_started_small_a_gradient_of_unit_scale():
+    """Rows at +-0.01 make BI(V) ~1e-4; in training mode the batch normalization scales it (and the gradient
+    back to V) by 1 / its batch std, so the embeddings learn at the speed of the rest."""
+    torch.manual_seed(0)
+    v = (torch.rand(256, 6, 3) * 0.02 - 0.01).requires_grad_()
+    y = (torch.rand(256) < 0.25).float()
+    net = NFMArch(3, hidden=(8,), dropout=0.0).train()
+    nn.functional.binary_cross_entropy_with_logits(net(v), y).backward()
+    plain = NFMArch(3, hidden=(8,), dropout=0.0).train()
+    plain.load_state_dict(net.state_dict())
+    plain.bn = nn.Identity()                  # the same weights without the normalization
+    v2 = v.detach().clone().requires_grad_()
+    nn.functional.binary_cross_entropy_with_logits(plain(v2), y).backward()
+    assert v.grad.abs().mean() > 100 * v2.grad.abs().mean()       # 2.8e-4 against 1.1e-6
 
 
 def test_crosses_join_the_last_hidden_layer_before_the_output_unit():
@@ -160,7 +187,7 @@ def test_each_zoo_kind_is_its_formula_on_the_looked_up_rows(kind):
             "wide_deep": lambda: w + _mlp(seq, z),
             # FM on V' = the row's first D values, the DNN on V'' = the next D
             "fm_dnn": lambda: w + fm + _mlp(seq, rows[:, :, d:2 * d].flatten(1)),
-            "nfm": lambda: w + _mlp(seq, sum(v[:, i] * v[:, j] for i, j in itertools.combinations(range(3), 2))),
+            "nfm": lambda: w + _mlp(seq, _bn(m.deep.bn, sum(v[:, i] * v[:, j] for i, j in itertools.combinations(range(3), 2)))),
             "deepfm_cross": lambda: w + fm + _cross_out(m, z, v),
         }[kind]()
         assert_close(logit, m.bias + expected)
