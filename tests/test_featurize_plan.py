@@ -69,10 +69,12 @@ def test_the_parse_is_planned_once_however_many_days(spark, tmp_path: Path):
     for d in range(3):
         (tmp_path / f"day_{d}").write_text(_line(d % 2, d) + "\n")
 
-    def hashes_in_plan(days: int) -> int:
+    def ids_of(days: int):
         inputs = [(d, str(tmp_path / f"day_{d}")) for d in range(days)]
-        ids = to_ids(check_records(read_records(spark, inputs, C), C), C, {}, 1).filter(~F.col("_bad"))
-        return ids._jdf.queryExecution().optimizedPlan().toString().count("xxhash64")
+        return to_ids(check_records(read_records(spark, inputs, C), C), C, {}, 1)
+
+    def hashes_in_plan(days: int) -> int:
+        return ids_of(days).filter(~F.col("_bad"))._jdf.queryExecution().optimizedPlan().toString().count("xxhash64")
 
     key = "spark.sql.optimizer.excludedRules"
     before = spark.conf.get(key, "")
@@ -81,7 +83,6 @@ def test_the_parse_is_planned_once_however_many_days(spark, tmp_path: Path):
         assert hashes_in_plan(3) > 2 * hashes_in_plan(1)          # Spark's default: one copy per day
         keep_projections_above_union(spark)
         assert hashes_in_plan(3) == hashes_in_plan(2) <= hashes_in_plan(1)
-        assert [(r.label, r.day) for r in to_ids(check_records(read_records(
-            spark, [(d, str(tmp_path / f"day_{d}")) for d in range(3)], C), C), C, {}, 1).collect()] == [(0, 0), (1, 1), (0, 2)]
+        assert [(r.label, r.day) for r in ids_of(3).collect()] == [(0, 0), (1, 1), (0, 2)]
     finally:
         spark.conf.set(key, before) if before else spark.conf.unset(key)

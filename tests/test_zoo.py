@@ -187,7 +187,8 @@ def test_each_zoo_kind_is_its_formula_on_the_looked_up_rows(kind):
             "wide_deep": lambda: w + _mlp(seq, z),
             # FM on V' = the row's first D values, the DNN on V'' = the next D
             "fm_dnn": lambda: w + fm + _mlp(seq, rows[:, :, d:2 * d].flatten(1)),
-            "nfm": lambda: w + _mlp(seq, _bn(m.deep.bn, sum(v[:, i] * v[:, j] for i, j in itertools.combinations(range(3), 2)))),
+            "nfm": lambda: w + _mlp(seq, _bn(m.deep.bn, sum(v[:, i] * v[:, j]
+                                                            for i, j in itertools.combinations(range(3), 2)))),
             "deepfm_cross": lambda: w + fm + _cross_out(m, z, v),
         }[kind]()
         assert_close(logit, m.bias + expected)

@@ -52,9 +52,8 @@ from pipeline.spark.hadoopfs import HadoopFS
 from pipeline.spark.placement import FilePlan, place_files, plan_files, write_files
 from pipeline.spark import recall as R
 from pipeline.spark.records import (DayInputs, check_headers, check_records, count_lines, estimate_lines,
-                                    keep_projections_above_union,
-                                    find_day_inputs, parse_lines, read_lines, read_records, reasons_of,
-                                    reject_columns)
+                                    find_day_inputs, keep_projections_above_union, parse_lines, read_lines,
+                                    read_records, reasons_of, reject_columns)
 from pipeline.spark.sql import quantile_probabilities
 from pipeline.spark.transforms import frequent_ids, map_rare, sample_negatives, to_ids, with_split, within_days
 
