@@ -32,6 +32,7 @@ FIRST_DAY = "first_day"         # seen: the first day the user clicked the item
 PAIRS = "recall_pairs"          # STAGING/recall_pairs: per (user key, item key) aggregates, deleted before the commit
                                 # (not "_pairs": Spark's reader ignores a path starting with "_" and warns)
 WRITTEN = "_all"                # STAGING/_all: the one flat write, before its files move into the splits
+DIRECT = "_direct"              # STAGING/_direct/<split>: a big valid or test split written without the shuffle
 STAGING_INFIX = ".__staging-"   # OUTPUT.__staging-<id>: where a run writes, renamed to OUTPUT at the end
 OLD_INFIX = ".__old-"           # OUTPUT.__old-<id>: the replaced output (--overwrite), deleted after the rename
 

@@ -86,3 +86,66 @@ def test_the_parse_is_planned_once_however_many_days(spark, tmp_path: Path):
         assert [(r.label, r.day) for r in ids_of(3).collect()] == [(0, 0), (1, 1), (0, 2)]
     finally:
         spark.conf.set(key, before) if before else spark.conf.unset(key)
+
+
+def test_only_big_evaluation_splits_skip_the_shuffle():
+    from pipeline.spark.placement import direct_splits
+    rows = {"train": 900_000, "valid": 1_000_000, "test": 400_000}
+    assert direct_splits(rows, 65536, 8, eligible=True) == ("valid",)
+    assert direct_splits(rows, 65536, 8, eligible=False) == ()
+    # ten full row groups are needed: 10 * 65536 = 655,360 rows
+    assert direct_splits({**rows, "test": 655_360}, 65536, 8, eligible=True) == ("valid", "test")
+    assert direct_splits({**rows, "test": 655_359}, 65536, 8, eligible=True) == ("valid",)
+    assert direct_splits({"train": 10**9, "valid": 0, "test": 0}, 65536, 8, eligible=True) == ()
+
+
+def test_the_observations_of_several_queries_add_up():
+    from pipeline.spark.counts import merged
+    a = {"lines": 3, "bad": 1, "bad_days": [1], "train_rows": 2, "train_pos": None}
+    b = {"lines": 2, "bad": 0, "bad_days": [], "train_rows": 0, "train_pos": 4}
+    c = {"lines": 5, "bad": 2, "bad_days": [2, 1], "train_rows": 1, "train_pos": 1}
+    assert merged([a, b, c]) == {"lines": 10, "bad": 3, "bad_days": [1, 2], "train_rows": 3, "train_pos": 5}
+    assert merged([a]) == {**a, "train_pos": 0}
+
+
+@pytest.mark.slow
+def test_big_evaluation_splits_are_written_unshuffled_with_the_same_rows(featurized: Path, raw_logs: Path,
+                                                                           tmp_path: Path):
+    """With row groups of 1,024 rows the 25,000-row valid and test days are big enough to skip the
+    shuffle: their files are written by the tasks that read them, in the log's line order, and hold the
+    same rows as the shuffled run's (the shared ``featurized`` output, row groups of 16,384)."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from pipeline import manifest
+    from pipeline.generate import read_truth
+    conf = tmp_path / "small_groups.yaml"
+    conf.write_text(f"base: {SMALL}\nname: criteo_small\noutput:\n  rows_per_row_group: 1024\n  min_row_groups: 8\n")
+    out = tmp_path / "out"
+    featurize.main(["--input", str(raw_logs), "--output", str(out), "--config", str(conf), "--neg-sample-rate", "0.5"])
+    m = manifest.read(out)
+    steps = set(m.seconds_by_step)
+    assert {"parse, hash, bucket and write valid (no shuffle)", "parse, hash, bucket and write test (no shuffle)",
+            "parse, hash, bucket, sample and write train"} <= steps, steps
+    assert not (out / layout.DIRECT).exists() and not (out / layout.WRITTEN).exists()
+    shuffled = manifest.read(featurized)
+    for split, day in (("valid", 2), ("test", 3)):
+        files = sorted((out / split).glob("*.parquet"))
+        meta = [pq.ParquetFile(f).metadata for f in files]
+        assert len(files) == m.splits[split].files >= 8
+        assert all(x.num_row_groups == 1 and 0 < x.num_rows <= 1024 for x in meta)
+        assert sum(x.num_rows for x in meta) == m.splits[split].rows == RAW_ROWS
+        t = pq.read_table(files)           # the files in name order: task by task, each task's in order
+        assert (t.column("label").to_numpy() == read_truth(raw_logs, day)[1]).all()   # the log's line order
+        assert set(t.column("day").to_pylist()) == {day}
+        assert m.splits[split].positives == shuffled.splits[split].positives
+    for split in ("train", "valid", "test"):
+        a = pq.read_table(sorted((out / split).glob("*.parquet"))).to_pandas()
+        b = pq.read_table(sorted((featurized / split).glob("*.parquet"))).to_pandas()
+        key = list(a.columns)
+        assert list(b.columns) == key and len(a) == len(b), split
+        a, b = (x.sort_values(key, kind="stable").reset_index(drop=True) for x in (a, b))
+        assert np.array_equal(a.to_numpy(), b.to_numpy()), split
+    train = pq.read_table(sorted((out / "train").glob("*.parquet"))[0], columns=["day"]).column("day").to_numpy()
+    assert (train[1:] != train[:-1]).sum() > len(train) / 4      # train is still a random mix of its days
+    assert m.splits["train"].rows == shuffled.splits["train"].rows and m.input.lines == shuffled.input.lines

@@ -3,7 +3,7 @@ written files read back, and a pass of its own over the ids (when the observed c
 they count twice when Spark re-runs a stage after a lost executor)."""
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
@@ -25,6 +25,23 @@ def split_counts(where: Column) -> list[Column]:
 def observed(metrics: Mapping[str, Any]) -> dict[str, Counts]:
     """The :func:`split_counts` of an observation, per split (a sum over no rows is null: 0)."""
     return {s: Counts(rows=int(metrics[f"{s}_rows"]), positives=int(metrics[f"{s}_pos"] or 0)) for s in SPLITS}
+
+
+def merged(metrics: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The observations of several queries over disjoint rows as one: counts summed (a sum over no rows,
+    null, counts 0), sets (``collect_set``, a list) joined.
+
+        [{"lines": 3, "train_pos": None, "bad_days": [1]}, {"lines": 2, "train_pos": 4, "bad_days": [1, 2]}]
+        -> {"lines": 5, "train_pos": 4, "bad_days": [1, 2]}
+    """
+    out: dict[str, Any] = {}
+    for m in metrics:
+        for k, v in m.items():
+            if isinstance(v, list):
+                out[k] = sorted(set(out.get(k, [])) | set(v))
+            else:
+                out[k] = (out.get(k) or 0) + (v or 0)
+    return out
 
 
 def count_split(spark: SparkSession, path: str) -> Counts:

@@ -19,7 +19,8 @@ pipeline.spark.recall) checks that item-side fields are constant per item and wr
 One pass over the input does the work: Spark's CSV reader parses each line once, every id is a JVM
 expression, one shuffle places each split's rows in the files planned for them (train rows in a seeded
 random order), and one write makes the files, which are then moved into train/valid/test by their
-partition number. Counts ride along (``observe``) and are checked against the files' footers; the text
+partition number. A valid or test split big enough for whole row groups (placement.direct_splits)
+is not shuffled: its day files are read by a query of their own whose tasks write its files. Counts ride along (``observe``) and are checked against the files' footers; the text
 is read again only to plan file counts (a line count), to fit quantiles or a vocabulary when the
 contract asks for them, and to quarantine malformed lines when there are any (only the day files that
 held them). The projection of the checks and ids is planned once above the union of the day files
@@ -46,10 +47,11 @@ from pipeline import manifest as M
 from pipeline.contract import CategoricalField, FeatureContract
 from pipeline.layout import PathOverlapError, refuse_overlap
 from pipeline.manifest import DAY_COLUMN, LABEL_COLUMN, SPLITS, Counts, Manifest, ManifestError
-from pipeline.spark.counts import count_split, observed, recount, split_counts
+from pipeline.spark.counts import count_split, merged, observed, recount, split_counts
 from pipeline.spark.errors import FeaturizeError, RejectLimitError, read_failure
 from pipeline.spark.hadoopfs import HadoopFS
-from pipeline.spark.placement import FilePlan, place_files, plan_files, write_files
+from pipeline.spark.placement import (FilePlan, direct_splits, place_direct, place_files, plan_files, write_direct,
+                                      write_files)
 from pipeline.spark import recall as R
 from pipeline.spark.records import (DayInputs, check_headers, check_records, count_lines, estimate_lines,
                                     find_day_inputs, keep_projections_above_union, parse_lines, read_lines,
@@ -208,13 +210,21 @@ class RecallTables:
 
 @dataclass(frozen=True)
 class Written:
-    """What the one pass hands on: its two observations, the files it planned and the sampling rates."""
+    """What the one pass hands on (the shuffled write and each direct split's): the observations of its
+    queries, the files it planned, the splits written without the shuffle, and the sampling rates."""
 
-    counted: Observation                # lines, malformed lines, rows and positives per split before sampling
-    kept: Observation                   # rows and positives per split as written
-    files: FilePlan
+    counted: tuple[Observation, ...]    # lines, malformed lines, rows and positives per split before sampling
+    kept: tuple[Observation, ...]       # rows and positives per split as written
+    files: FilePlan                     # the shuffled write's files (none for a direct split)
     rates: Mapping[str, float]
+    direct: tuple[str, ...] = ()        # splits written by their read tasks (staging/_direct/<split>)
     drawn: int | None = None            # a recall contract: random negatives per train positive (else None)
+
+    def counted_metrics(self) -> dict:
+        return merged([o.get for o in self.counted])
+
+    def kept_metrics(self) -> dict:
+        return merged([o.get for o in self.kept])
 
 
 @dataclass(frozen=True)
@@ -309,11 +319,24 @@ def featurize(spark: SparkSession, o: Options, fs: HadoopFS, inputs: DayInputs, 
     plan = plan_days(spark, c, inputs, checked, phase, o.allow_day_gaps)
     boundaries = fit_boundaries(checked, c, plan, reused, phase)
     kept = ["_bad", *([R.USER_KEY, R.ITEM_KEY] if c.recall else [])]
-    ids = with_split(to_ids(checked, c, boundaries, c.sampling.seed, keep=kept), plan.split_days)
+
+    def ids_of(rows: DataFrame) -> DataFrame:
+        return with_split(to_ids(rows, c, boundaries, c.sampling.seed, keep=kept), plan.split_days)
+
+    def ids_of_days(days: Sequence[int]) -> DataFrame:
+        """The ids of the day files of ``days`` only (a query that reads no other file)."""
+        return ids_of(check_records(read_records(spark, [(d, p) for d, p in inputs if d in days], c), c, keep=keys))
+
+    ids = ids_of(checked)
     vocab = fit_vocabulary(spark, ids, c, plan, reused, staging, phase)
     tables = write_recall_tables(spark, fs, ids, c, vocab, staging, phase) if c.recall else None
-    written = write_splits(ids, c, plan, vocab, staging, phase, tables)
+    written = write_splits(ids, c, plan, vocab, staging, phase, tables,
+                           ids_of_days if c.source.day_from == "file_name" else None)
     n_files = place_files(fs, f"{staging}/{layout.WRITTEN}", staging, written.files.parts())
+    for s in written.direct:
+        n_files[s] = place_direct(fs, f"{staging}/{layout.DIRECT}/{s}", f"{staging}/{s}")
+    if written.direct:
+        fs.delete(f"{staging}/{layout.DIRECT}")
     counts = verify_counts(spark, fs, ids, staging, written, n_files, phase)
     splits = split_infos(plan, counts, written.rates)
     rejects = {r: 0 for r in reasons_of(c)}
@@ -490,33 +513,62 @@ def expected_rows(c: FeatureContract, plan: DayPlan, rates: Mapping[str, float])
 
 
 def write_splits(ids: DataFrame, c: FeatureContract, plan: DayPlan, vocab: FittedVocabulary | None, staging: str,
-                 phase: Phases, tables: RecallTables | None = None) -> Written:
+                 phase: Phases, tables: RecallTables | None = None,
+                 ids_of_days: Callable[[Sequence[int]], DataFrame] | None = None) -> Written:
     """The one pass: count, drop malformed lines, map rare ids, sample train negatives (a recall
     contract: keep the positives, join their key indexes and draw random negatives), send each row to
     a planned file of its split, write (to ``staging/_all``, layout.WRITTEN). The observations are made here, after
-    the fitting passes, so that they see this pass only."""
-    counted = Observation("featurize: input")
-    ids = ids.observe(counted, F.count(F.lit(1)).alias("lines"), F.count_if(F.col("_bad")).alias("bad"),
-                      F.collect_set(F.when(F.col("_bad"), F.col("day"))).alias("bad_days"),
-                      *split_counts(~F.col("_bad")))
-    ids = ids.filter(~F.col("_bad")).drop("_bad")
-    if vocab is not None:
-        ids = map_rare(ids, vocab.frame, vocab.fields)
+    the fitting passes, so that they see this pass only.
+
+    With ``ids_of_days`` (days from file names: the ids of some days' files only), a valid or test split
+    big enough for whole row groups (placement.direct_splits) is written by a query of its own over its
+    day files, without the shuffle (to ``staging/_direct/<split>``), and the shuffled write reads only
+    the other days' files: each file is still read once."""
     rates = sampling_rates(c)
     columns = [LABEL_COLUMN, *c.field_names, DAY_COLUMN]
     if tables is not None:
-        ids = R.with_indexes(ids.filter(F.col(LABEL_COLUMN) == 1), tables.user_index, tables.item_index)
-        if tables.info.random_negatives:
-            ids = R.with_random_negatives(ids, tables.catalogue_ids, c, tables.info.items, c.sampling.seed)
         columns += tables.info.columns
-    else:
-        ids = sample_negatives(ids, rates["train"], c.sampling.seed, only=F.col("_split") == "train")
-    kept = Observation("featurize: output")
-    ids = ids.observe(kept, *split_counts(F.lit(True)))
-    files = plan_files(expected_rows(c, plan, rates), c.output.rows_per_row_group, c.output.min_row_groups)
-    with phase("parse, hash, bucket, sample and write train/valid/test"):
-        write_files(ids, files, columns, c.sampling.seed, c.output.rows_per_row_group, f"{staging}/{layout.WRITTEN}")
-    return Written(counted=counted, kept=kept, files=files, rates=rates,
+    expected = expected_rows(c, plan, rates)
+    direct = direct_splits(expected, c.output.rows_per_row_group, c.output.min_row_groups,
+                           eligible=ids_of_days is not None and tables is None)
+    shuffled_days = [d for s in SPLITS if s not in direct for d in plan.split_days[s]]
+    if not shuffled_days:                       # nothing left to shuffle: one query as usual
+        direct = ()
+    files = plan_files({s: 0 if s in direct else n for s, n in expected.items()}, c.output.rows_per_row_group,
+                       c.output.min_row_groups)
+    counted: list[Observation] = []
+    kept: list[Observation] = []
+
+    def one_pass(rows: DataFrame, name: str) -> DataFrame:
+        seen = Observation(f"featurize: input {name}")
+        rows = rows.observe(seen, F.count(F.lit(1)).alias("lines"), F.count_if(F.col("_bad")).alias("bad"),
+                            F.collect_set(F.when(F.col("_bad"), F.col("day"))).alias("bad_days"),
+                            *split_counts(~F.col("_bad")))
+        rows = rows.filter(~F.col("_bad")).drop("_bad")
+        if vocab is not None:
+            rows = map_rare(rows, vocab.frame, vocab.fields)
+        if tables is not None:
+            rows = R.with_indexes(rows.filter(F.col(LABEL_COLUMN) == 1), tables.user_index, tables.item_index)
+            if tables.info.random_negatives:
+                rows = R.with_random_negatives(rows, tables.catalogue_ids, c, tables.info.items, c.sampling.seed)
+        else:
+            rows = sample_negatives(rows, rates["train"], c.sampling.seed, only=F.col("_split") == "train")
+        out = Observation(f"featurize: output {name}")
+        counted.append(seen)
+        kept.append(out)
+        return rows.observe(out, *split_counts(F.lit(True)))
+
+    for s in direct:
+        assert ids_of_days is not None                  # direct_splits is () without it
+        with phase(f"parse, hash, bucket and write {s} (no shuffle)"):
+            write_direct(one_pass(ids_of_days(plan.split_days[s]), s), columns, c.output.rows_per_row_group,
+                         f"{staging}/{layout.DIRECT}/{s}")
+    rest = [s for s in SPLITS if s not in direct]
+    with phase(f"parse, hash, bucket, sample and write {'/'.join(rest)}"):
+        frame = ids_of_days(shuffled_days) if direct and ids_of_days is not None else ids
+        write_files(one_pass(frame, "/".join(rest)), files, columns, c.sampling.seed, c.output.rows_per_row_group,
+                    f"{staging}/{layout.WRITTEN}")
+    return Written(counted=tuple(counted), kept=tuple(kept), files=files, rates=rates, direct=direct,
                    drawn=tables.info.random_negatives if tables is not None else None)
 
 
@@ -526,9 +578,9 @@ def verify_counts(spark: SparkSession, fs: HadoopFS, ids: DataFrame, staging: st
     observed written, sampling must keep every positive, and an unsampled split every row. When they
     disagree the input and output are counted again by passes of their own. A recall split must hold
     its positives and (train) ``random_negatives`` rows more per positive."""
-    obs = written.counted.get
+    obs = written.counted_metrics()
     lines, bad, before = int(obs["lines"]), int(obs["bad"]), observed(obs)
-    after = observed(written.kept.get)
+    after = observed(written.kept_metrics())
     with phase("check the output"):
         on_disk = {s: fs.parquet_rows(f"{staging}/{s}") if n_files[s] else 0 for s in SPLITS}
     if any(on_disk[s] != after[s].rows or before[s].positives != after[s].positives

@@ -6,6 +6,11 @@ numbered in one sequence, split ``s`` owning ``[offsets[s], offsets[s] + files[s
 file of its split chosen by its hash, through a key that Spark's hash partitioning sends to exactly
 that shuffle partition (:func:`partition_keys`): shuffle partition p is file p, so one flat write makes
 every file and its part number says which split it belongs to (:func:`place_files`).
+
+A valid or test split big enough that all its files can be whole row groups (:func:`direct_splits`)
+skips the shuffle: it is never sampled and has no order to draw, so the tasks that read its day files
+write them (:func:`write_direct`), in the log's line order, and its files are moved as they are
+(:func:`place_direct`).
 """
 from __future__ import annotations
 
@@ -78,6 +83,23 @@ def plan_files(expected_rows: Mapping[str, int], rows_per_row_group: int, min_ro
     return FilePlan(files=files, offsets=offsets)
 
 
+def direct_splits(expected_rows: Mapping[str, int], rows_per_row_group: int, min_row_groups: int,
+                  eligible: bool) -> tuple[str, ...]:
+    """The evaluation splits written by the tasks that read them, without the shuffle: valid and test
+    when ``eligible`` (their days are files of their own and they are never sampled) and each expects
+    at least ``min_row_groups + 2`` full row groups, so that files of at most ``rows_per_row_group`` rows
+    still number ``min_row_groups`` when the row estimate is up to 20% high. Train always goes through
+    the shuffle (its files are a seeded random mix of its days), and so does a smaller split (the
+    shuffle gives it ``min_row_groups`` even files).
+
+        {"train": 900_000, "valid": 1_000_000, "test": 400_000}, 65536, 8, True -> ("valid",)
+    """
+    if not eligible:
+        return ()
+    full = rows_per_row_group * (min_row_groups + 2)
+    return tuple(s for s in ("valid", "test") if expected_rows[s] >= full)
+
+
 def spark_int_hash(value: int, seed: int = 42) -> int:
     """Spark's ``hash()`` of an int column (Murmur3_x86_32.hashInt), as a signed 32-bit int, in Python.
 
@@ -134,6 +156,25 @@ def write_files(ids: DataFrame, plan: FilePlan, columns: Sequence[str], seed: in
      .select(*columns)
      .write.option("maxRecordsPerFile", rows_per_file)
      .option("compression", "snappy").parquet(path))
+
+
+def write_direct(ids: DataFrame, columns: Sequence[str], rows_per_file: int, path: str) -> None:
+    """Write ``columns`` of ``ids`` as Parquet under ``path`` from the tasks that compute them (no
+    shuffle): each task's rows in their order, at most ``rows_per_file`` rows (one row group) a file."""
+    (ids.select(*columns).write.option("maxRecordsPerFile", rows_per_file)
+     .option("compression", "snappy").parquet(path))
+
+
+def place_direct(fs: HadoopFS, written: str, dest: str) -> int:
+    """Move the Parquet files of a :func:`write_direct` from ``written`` into ``dest`` (created) and delete
+    ``written``; returns how many were moved."""
+    files = [e for e in fs.list(written) if not e.name.startswith(("_", ".")) and e.name.endswith(".parquet")]
+    if files:
+        fs.mkdirs(dest)
+    for e in files:
+        fs.rename(e.path, f"{dest}/{e.name}")
+    fs.delete(written)
+    return len(files)
 
 
 def place_files(fs: HadoopFS, written: str, staging: str, parts: Mapping[str, range]) -> dict[str, int]:
