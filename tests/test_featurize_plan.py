@@ -113,7 +113,8 @@ def test_big_evaluation_splits_are_written_unshuffled_with_the_same_rows(featuri
                                                                            tmp_path: Path):
     """With row groups of 1,024 rows the 25,000-row valid and test days are big enough to skip the
     shuffle: their files are written by the tasks that read them, in the log's line order, and hold the
-    same rows as the shuffled run's (the shared ``featurized`` output, row groups of 16,384)."""
+    same rows as the shuffled run's (the shared ``featurized`` output, row groups of 16,384). Malformed
+    lines in the valid day are counted by its own query and quarantined as anywhere else."""
     import numpy as np
     import pyarrow.parquet as pq
 
@@ -121,9 +122,18 @@ def test_big_evaluation_splits_are_written_unshuffled_with_the_same_rows(featuri
     from pipeline.generate import read_truth
     conf = tmp_path / "small_groups.yaml"
     conf.write_text(f"base: {SMALL}\nname: criteo_small\noutput:\n  rows_per_row_group: 1024\n  min_row_groups: 8\n")
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for d in range(4):
+        (raw / f"day_{d}").write_bytes((raw_logs / f"day_{d}").read_bytes())
+    with open(raw / "day_2", "ab") as fh:                       # the valid day: two malformed lines at its end
+        fh.write(b"7" + (raw_logs / "day_2").read_bytes().split(b"\n", 1)[0][1:] + b"\n\x00\x01garbage\xff\n")
     out = tmp_path / "out"
-    featurize.main(["--input", str(raw_logs), "--output", str(out), "--config", str(conf), "--neg-sample-rate", "0.5"])
+    featurize.main(["--input", str(raw), "--output", str(out), "--config", str(conf), "--neg-sample-rate", "0.5"])
     m = manifest.read(out)
+    assert m.rejects.total == 2 and {k: v for k, v in m.rejects.by_reason.items() if v} == {"bad_label": 1,
+                                                                                            "binary": 1}
+    assert pq.read_table(out / layout.REJECTS).column("day").to_pylist() == [2, 2]
     steps = set(m.seconds_by_step)
     assert {"parse, hash, bucket and write valid (no shuffle)", "parse, hash, bucket and write test (no shuffle)",
             "parse, hash, bucket, sample and write train"} <= steps, steps
@@ -148,4 +158,4 @@ def test_big_evaluation_splits_are_written_unshuffled_with_the_same_rows(featuri
         assert np.array_equal(a.to_numpy(), b.to_numpy()), split
     train = pq.read_table(sorted((out / "train").glob("*.parquet"))[0], columns=["day"]).column("day").to_numpy()
     assert (train[1:] != train[:-1]).sum() > len(train) / 4      # train is still a random mix of its days
-    assert m.splits["train"].rows == shuffled.splits["train"].rows and m.input.lines == shuffled.input.lines
+    assert m.splits["train"].rows == shuffled.splits["train"].rows and m.input.lines == shuffled.input.lines + 2
