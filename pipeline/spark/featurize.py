@@ -20,8 +20,8 @@ One pass over the input does the work: Spark's CSV reader parses each line once,
 expression, one shuffle places each split's rows in the files planned for them (train rows in a seeded
 random order), and one write makes the files, which are then moved into train/valid/test by their
 partition number. A valid or test split big enough for whole row groups (placement.direct_splits)
-is not shuffled: its day files are read by a query of their own whose tasks write its files. Counts ride along (``observe``) and are checked against the files' footers; the text
-is read again only to plan file counts (a line count), to fit quantiles or a vocabulary when the
+is not shuffled: its day files are read by a query of their own whose tasks write its files. Counts
+ride along (``observe``) and are checked against the files' footers; the text is read again only to plan file counts (a line count), to fit quantiles or a vocabulary when the
 contract asks for them, and to quarantine malformed lines when there are any (only the day files that
 held them). The projection of the checks and ids is planned once above the union of the day files
 (records.keep_projections_above_union), not once per day.
@@ -313,9 +313,12 @@ def featurize(spark: SparkSession, o: Options, fs: HadoopFS, inputs: DayInputs, 
     spark.conf.set("spark.sql.codegen.hugeMethodLimit", "8000")
     keep_projections_above_union(spark)
     keys = R.key_columns(c) if c.recall else []
-    checked = check_records(read_records(spark, inputs, c), c, keep=keys)
-    if c.source.day_from == "column":
-        checked = within_days(checked, o.days)
+
+    def checked_of(files: DayInputs) -> DataFrame:
+        rows = check_records(read_records(spark, files, c), c, keep=keys)
+        return within_days(rows, o.days) if c.source.day_from == "column" else rows
+
+    checked = checked_of(inputs)
     plan = plan_days(spark, c, inputs, checked, phase, o.allow_day_gaps)
     boundaries = fit_boundaries(checked, c, plan, reused, phase)
     kept = ["_bad", *([R.USER_KEY, R.ITEM_KEY] if c.recall else [])]
@@ -325,7 +328,7 @@ def featurize(spark: SparkSession, o: Options, fs: HadoopFS, inputs: DayInputs, 
 
     def ids_of_days(days: Sequence[int]) -> DataFrame:
         """The ids of the day files of ``days`` only (a query that reads no other file)."""
-        return ids_of(check_records(read_records(spark, [(d, p) for d, p in inputs if d in days], c), c, keep=keys))
+        return ids_of(checked_of([(d, p) for d, p in inputs if d in days]))
 
     ids = ids_of(checked)
     vocab = fit_vocabulary(spark, ids, c, plan, reused, staging, phase)
@@ -565,7 +568,7 @@ def write_splits(ids: DataFrame, c: FeatureContract, plan: DayPlan, vocab: Fitte
                          f"{staging}/{layout.DIRECT}/{s}")
     rest = [s for s in SPLITS if s not in direct]
     with phase(f"parse, hash, bucket, sample and write {'/'.join(rest)}"):
-        frame = ids_of_days(shuffled_days) if direct and ids_of_days is not None else ids
+        frame = ids_of_days(shuffled_days) if ids_of_days is not None and direct else ids
         write_files(one_pass(frame, "/".join(rest)), files, columns, c.sampling.seed, c.output.rows_per_row_group,
                     f"{staging}/{layout.WRITTEN}")
     return Written(counted=tuple(counted), kept=tuple(kept), files=files, rates=rates, direct=direct,
